@@ -1,0 +1,5 @@
+import sys
+
+from phalanx.launch.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Snapshots, on-disk format, atomic commit, resharding load, CheckFree (the checkpoint issue)."""

@@ -1,0 +1,304 @@
+"""The recipe schema: one typed tree that Hydra composes into and every process reads.
+
+Hydra checks key names and types while it composes (the schema is registered in
+its ConfigStore, so `trainer.stpes=3` or `trainer.steps=abc` fail there, naming
+the key). `validate` then checks what types cannot express -- dims that must
+divide, a layout that needs the world size it is given, features a later issue
+brings -- and raises `ConfigError` with the key and the fix, before any worker
+starts (DESIGN.md invariant 6).
+
+Group-provided values are MISSING here so each number lives in exactly one
+place: its recipe YAML under `phalanx/recipes/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run. The message names the key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    vocab_size: int = MISSING
+    hidden_size: int = MISSING
+    intermediate_size: int = MISSING
+    num_hidden_layers: int = MISSING
+    num_attention_heads: int = MISSING
+    num_key_value_heads: int = MISSING
+    max_position_embeddings: int = MISSING
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 0
+    backend: str = "torch"
+    offload: bool = False
+    deepspeed_config: Optional[str] = None
+
+
+@dataclass
+class ParallelConfig:
+    # `dp` is shorthand for dp_replicate when dp_shard is 1; None fills the world.
+    dp: Optional[int] = None
+    dp_replicate: Optional[int] = None
+    dp_shard: int = 1
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    micro_batch_size: int = MISSING
+    schedule: str = "1f1b"
+    recompute: str = "none"
+    sp: bool = False
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+
+
+@dataclass
+class TrainerConfig:
+    global_batch: int = MISSING
+    seq_len: int = MISSING
+    steps: int = MISSING
+    eval_every: int = MISSING
+    eval_batches: int = MISSING
+    grad_clip: float = 1.0
+    seed: int = 1234
+    audit_samples: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = MISSING
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    source: str = MISSING
+    path: Optional[str] = None
+    token_dtype: Optional[str] = None
+    val_fraction: float = 0.05
+    # None: $PHALANX_CACHE or ~/.cache/phalanx
+    cache_dir: Optional[str] = None
+    synthetic_tokens: int = 1_000_000
+    synthetic_seed: int = 0
+
+
+@dataclass
+class PrecisionConfig:
+    param: str = MISSING
+    compute: str = MISSING
+    reduce: str = MISSING
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = MISSING
+    wandb_project: str = "phalanx"
+    wandb_mode: str = "offline"
+    # auto: a live rich progress bar on a terminal, a plain line every few seconds otherwise
+    console: str = MISSING
+    level: str = "INFO"
+
+
+@dataclass
+class ClusterConfig:
+    name: str = MISSING
+    nodes: int = 1
+    devices_per_node: int = MISSING
+    # None: the node's cores divided among its workers (at least 1)
+    threads_per_worker: Optional[int] = None
+
+
+@dataclass
+class FaultConfig:
+    heartbeat_s: float = 1.0
+    heartbeat_timeout_s: float = 30.0
+    startup_timeout_s: float = 180.0
+    collective_timeout_s: float = 300.0
+    shutdown_grace_s: float = 30.0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.cluster.nodes * self.cluster.devices_per_node
+
+    @property
+    def dp_size(self) -> int:
+        p = self.parallel
+        assert p.dp_replicate is not None, "validate() fills dp_replicate"
+        return p.dp_replicate * p.dp_shard
+
+    @property
+    def grad_accum(self) -> int:
+        return self.trainer.global_batch // (self.dp_size * self.parallel.micro_batch_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        cfg = OmegaConf.merge(OmegaConf.structured(cls), d)
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+SCHEMA_NAME = "phalanx_schema"
+
+
+def register_schema() -> None:
+    """Make the schema the first entry of config.yaml's defaults list."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
+
+
+_DTYPES = ("fp32", "bf16")
+_DATA_SOURCES = ("stdlib", "synthetic", "files")
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _positive(key: str, value: float) -> None:
+    _require(value > 0, f"{key}={value} must be positive.")
+
+
+def validate(cfg: DictConfig | RunConfig) -> RunConfig:
+    """Check a composed recipe and return it as a typed `RunConfig` with derived keys filled."""
+    if isinstance(cfg, DictConfig):
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        _require(not missing, f"recipe keys without a value: {', '.join(missing)}. "
+                 "Set them on the command line (key=value) or pick a recipe that sets them.")
+        run: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    else:
+        run = dataclasses.replace(cfg)
+    m, p, t, o, d = run.model, run.parallel, run.trainer, run.optim, run.data
+
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "max_position_embeddings"):
+        _positive(f"model.{key}", getattr(m, key))
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+             f"{m.num_attention_heads}; pick a head count that divides it.")
+    _require(m.num_attention_heads % m.num_key_value_heads == 0,
+             f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+             f"model.num_key_value_heads={m.num_key_value_heads} (grouped-query attention "
+             "shares each key/value head among a whole number of query heads).")
+    _require((m.hidden_size // m.num_attention_heads) % 2 == 0,
+             "model head_dim (hidden_size / num_attention_heads) must be even for rotary embeddings.")
+
+    for key in ("global_batch", "seq_len", "steps", "eval_every", "eval_batches"):
+        _positive(f"trainer.{key}", getattr(t, key))
+    _require(t.seq_len <= m.max_position_embeddings,
+             f"trainer.seq_len={t.seq_len} exceeds model.max_position_embeddings="
+             f"{m.max_position_embeddings}; shorten the sequence or raise the model's limit.")
+
+    # Layout. Everything but plain data parallelism arrives with later issues; say so
+    # rather than silently ignoring the key.
+    for key, what in (("tp", "tensor parallelism"), ("pp", "pipeline parallelism"),
+                      ("vpp", "virtual pipeline stages"), ("dp_shard", "ZeRO/FSDP sharding")):
+        _require(getattr(p, key) == 1,
+                 f"parallel.{key}={getattr(p, key)}: {what} is not available in this build yet; "
+                 f"use parallel.{key}=1.")
+    _require(p.zero.stage == 0, f"parallel.zero.stage={p.zero.stage}: ZeRO is not available in "
+             "this build yet; use parallel.zero.stage=0.")
+    _require(not p.sp, "parallel.sp=true needs tensor parallelism, which is not available yet.")
+    _require(p.recompute in ("none", "selective", "full"),
+             f"parallel.recompute={p.recompute!r}: choose none, selective or full.")
+    _positive("cluster.nodes", run.cluster.nodes)
+    _positive("cluster.devices_per_node", run.cluster.devices_per_node)
+    _require(run.cluster.nodes == 1, f"cluster.nodes={run.cluster.nodes} (--nnodes): multi-node "
+             "runs are not available in this build yet; use one node.")
+    world = run.world_size
+    if p.dp is not None:
+        _require(p.dp_replicate is None or p.dp_replicate == p.dp,
+                 f"parallel.dp={p.dp} and parallel.dp_replicate={p.dp_replicate} disagree; "
+                 "set only one of them.")
+        p.dp_replicate = p.dp
+    model_parallel = p.tp * p.pp * p.dp_shard
+    if p.dp_replicate is None:
+        _require(world % model_parallel == 0,
+                 f"the world of {world} workers is not divisible by tp*pp*dp_shard={model_parallel}.")
+        p.dp_replicate = world // model_parallel
+    p.dp = p.dp_replicate if p.dp_shard == 1 else None
+    _positive("parallel.dp_replicate", p.dp_replicate)
+    _require(p.dp_replicate * model_parallel == world,
+             f"the layout dp_replicate*dp_shard*tp*pp = {p.dp_replicate}*{p.dp_shard}*{p.tp}*{p.pp} "
+             f"= {p.dp_replicate * model_parallel} workers, but {world} are launched "
+             f"(--nproc-per-node {run.cluster.devices_per_node} x --nnodes {run.cluster.nodes}); "
+             f"set --nproc-per-node {p.dp_replicate * model_parallel} or change parallel.dp.")
+    _positive("parallel.micro_batch_size", p.micro_batch_size)
+    per_rank = p.micro_batch_size * run.dp_size
+    _require(t.global_batch % per_rank == 0,
+             f"trainer.global_batch={t.global_batch} is not divisible by parallel.micro_batch_size"
+             f"={p.micro_batch_size} x data-parallel size {run.dp_size}; use a global batch that "
+             f"is a multiple of {per_rank} (gradient accumulation covers the rest).")
+
+    _require(o.name == "adamw", f"optim.name={o.name!r}: only adamw is available.")
+    _positive("optim.lr", o.lr)
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0.")
+    _require(o.schedule in ("cosine", "constant"),
+             f"optim.schedule={o.schedule!r}: choose cosine or constant.")
+    _require(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1].")
+    _require(t.grad_clip >= 0, f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables).")
+
+    _require(d.source in _DATA_SOURCES,
+             f"data.source={d.source!r}: choose one of {', '.join(_DATA_SOURCES)}.")
+    if d.source == "files":
+        _require(bool(d.path), "data.source=files needs data.path=<text file, directory or .bin>.")
+        _require(os.path.exists(os.path.expanduser(d.path or "")),
+                 f"data.path={d.path} does not exist; point it at a text file, a directory of "
+                 "text files, or a flat token file (.bin).")
+    _require(0.0 < d.val_fraction < 0.5, f"data.val_fraction={d.val_fraction} must be in (0, 0.5).")
+    _require(d.token_dtype in (None, "uint8", "uint16", "uint32"),
+             f"data.token_dtype={d.token_dtype!r}: choose uint8, uint16 or uint32.")
+
+    pr = run.precision
+    for key in ("param", "compute", "reduce"):
+        _require(getattr(pr, key) in _DTYPES,
+                 f"precision.{key}={getattr(pr, key)!r}: choose one of {', '.join(_DTYPES)}.")
+    _require(pr.param == "fp32", "precision.param=bf16 needs fp32 master weights, which are not "
+             "available yet; use precision.param=fp32 with precision.compute=bf16.")
+    _require(run.logging.console in ("auto", "rich", "plain", "none"),
+             f"logging.console={run.logging.console!r}: choose auto, rich, plain or none.")
+    _require(run.logging.wandb_mode in ("offline", "online", "disabled"),
+             f"logging.wandb_mode={run.logging.wandb_mode!r}: choose offline, online or disabled.")
+    f = run.fault
+    for key in ("heartbeat_s", "heartbeat_timeout_s", "startup_timeout_s", "collective_timeout_s"):
+        _positive(f"fault.{key}", getattr(f, key))
+    _require(f.heartbeat_timeout_s > 2 * f.heartbeat_s,
+             f"fault.heartbeat_timeout_s={f.heartbeat_timeout_s} must exceed twice "
+             f"fault.heartbeat_s={f.heartbeat_s}, or a healthy worker is declared dead.")
+    return run

@@ -1,0 +1,1 @@
+"""Hot numeric code with a pure-torch reference for each (the low-communication issue)."""

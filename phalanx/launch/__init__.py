@@ -1,0 +1,1 @@
+"""Entry points: the `phalanx` CLI, the Hydra app and the worker process."""

@@ -1,0 +1,141 @@
+"""`phalanx` command line: torchrun-style launcher flags in front of a Hydra app.
+
+Launcher flags are parsed here and turned into recipe overrides (so the run's
+config.yaml records them); everything else -- `key=value`, `group=option`,
+`--cfg job`, `--multirun`, `--help` -- is Hydra's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from phalanx import __version__
+from phalanx.config import ConfigError, register_schema, validate
+
+log = logging.getLogger("phalanx")
+
+EXIT_CONFIG = 2
+
+USAGE = f"""phalanx {__version__}: distributed training with elastic fault tolerance
+
+usage: phalanx <command> [args]
+
+commands:
+  run     train: `phalanx run [--nproc-per-node N] [key=value ...]` (see `phalanx run --help`)
+
+The embedded default (`phalanx run` with no arguments) trains a tiny Llama on the
+Python standard library's sources with 2 CPU workers.
+"""
+
+
+class _LaunchArgs:
+    port = 0
+    exit_codes: list[int] = []
+
+
+def _error(msg: str) -> int:
+    print(f"phalanx: error: {msg}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _launcher_overrides(argv: list[str]) -> tuple[list[str], int]:
+    """Split launcher flags from Hydra arguments; returns (hydra argv, store port)."""
+    p = argparse.ArgumentParser(prog="phalanx run", add_help=False, allow_abbrev=False)
+    p.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc", type=int)
+    p.add_argument("--nnodes", type=str)
+    p.add_argument("--run-dir", "--run_dir", dest="run_dir")
+    p.add_argument("--standalone", action="store_true")
+    flags, rest = p.parse_known_args(argv)
+    overrides = []
+    multirun = any(a in ("-m", "--multirun") for a in rest)
+    for a in rest:
+        # DESIGN.md: `nodes=N` on a command line is shorthand for cluster.nodes=N.
+        overrides.append("cluster.nodes=" + a.split("=", 1)[1] if a.startswith("nodes=") else a)
+    if flags.nproc is not None:
+        if flags.nproc < 1:
+            raise ConfigError(f"--nproc-per-node {flags.nproc} must be >= 1.")
+        overrides.append(f"cluster.devices_per_node={flags.nproc}")
+    if flags.nnodes is not None:
+        if ":" in flags.nnodes:
+            raise ConfigError(f"--nnodes {flags.nnodes}: elastic MIN:MAX node counts need "
+                              "multi-node support, which this build does not have yet; use --nnodes 1.")
+        if not flags.nnodes.isdigit():
+            raise ConfigError(f"--nnodes {flags.nnodes} is not a number of nodes.")
+        overrides.append(f"cluster.nodes={flags.nnodes}")
+    if flags.run_dir:
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        overrides.append(f"{key}={Path(flags.run_dir).expanduser().resolve()}")
+    port = 0
+    if not flags.standalone and os.environ.get("MASTER_PORT", "").isdigit():
+        port = int(os.environ["MASTER_PORT"])
+    return overrides, port
+
+
+def _task(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from phalanx.orchestrator.controller import Controller
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run = validate(cfg)
+        if (run_dir / "metrics.jsonl").exists():
+            raise ConfigError(f"run directory {run_dir} already holds a run; pick a new --run-dir.")
+        resolved = OmegaConf.to_yaml(OmegaConf.structured(run))
+        outcome = Controller(run, run_dir=run_dir, resolved_yaml=resolved,
+                             port=_LaunchArgs.port).run_job()
+    except ConfigError as e:
+        _LaunchArgs.exit_codes.append(_error(str(e)))
+        return
+    s = outcome.summary
+    if outcome.exit_code == 0:
+        val = f", val {s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else ""
+        log.info("done: %d steps, loss %.4f -> %.4f%s, %.0f tok/s, %.1f s. Run directory: %s",
+                 s["steps"], s["initial_loss"], s["final_loss"], val, s["tokens_per_s"] or 0,
+                 s["wall_s"], run_dir)
+    else:
+        print(f"phalanx: run failed: {outcome.message}\nRun directory: {run_dir}", file=sys.stderr)
+    _LaunchArgs.exit_codes.append(outcome.exit_code)
+
+
+def run_command(argv: list[str]) -> int:
+    import hydra
+
+    try:
+        hydra_argv, _LaunchArgs.port = _launcher_overrides(argv)
+    except ConfigError as e:
+        return _error(str(e))
+    _LaunchArgs.exit_codes = []
+    register_schema()
+    app = hydra.main(version_base="1.3", config_path="../recipes", config_name="config")(_task)
+    saved = sys.argv
+    sys.argv = ["phalanx run", *hydra_argv]
+    try:
+        app()
+    finally:
+        sys.argv = saved
+    return max(_LaunchArgs.exit_codes, default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(__version__)
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "run":
+        return run_command(rest)
+    return _error(f"unknown command {cmd!r}; see `phalanx --help`.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The controller side: plan, launch, watch, recover. Never runs model code."""

@@ -1,0 +1,88 @@
+"""The control plane: signed JSON values in c10d's TCPStore, one prefix per generation.
+
+TCPStore listens without authentication, so every value phalanx writes carries
+an HMAC over (generation, key, value) made with the run's token; a value that is
+unsigned or mis-signed is ignored and logged, never trusted (DESIGN.md). Values
+are JSON, never pickles: nothing received over the network is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "PHALANX_TOKEN"
+
+
+class ControlPlane:
+    def __init__(self, store: dist.Store, *, token: str, generation: int) -> None:
+        self.store = store
+        self._key = token.encode()
+        self.generation = generation
+        self.rejected: list[str] = []
+
+    def _full(self, key: str) -> str:
+        return f"g{self.generation}/{key}"
+
+    def _sig(self, full_key: str, payload: str) -> str:
+        msg = f"{self.generation}\0{full_key}\0{payload}".encode()
+        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()
+
+    def set(self, key: str, value: Any) -> None:
+        full = self._full(key)
+        payload = json.dumps(value, separators=(",", ":"))
+        self.store.set(full, json.dumps({"v": payload, "sig": self._sig(full, payload)}))
+
+    def _decode(self, full: str, raw: bytes) -> Any:
+        try:
+            env = json.loads(raw)
+            payload, sig = env["v"], env["sig"]
+        except (ValueError, KeyError, TypeError):
+            return self._reject(full, "not a signed phalanx value")
+        if not hmac.compare_digest(sig, self._sig(full, payload)):
+            return self._reject(full, "bad signature")
+        return json.loads(payload)
+
+    def _reject(self, full: str, why: str) -> None:
+        log.warning("control plane: ignoring %s (%s)", full, why)
+        self.rejected.append(full)
+        return None
+
+    def has(self, key: str) -> bool:
+        return self.store.check([self._full(key)])
+
+    def get(self, key: str) -> Any:
+        """The value at `key`, or None when absent or not validly signed."""
+        full = self._full(key)
+        if not self.store.check([full]):
+            return None
+        return self._decode(full, self.store.get(full))
+
+    def wait(self, key: str, timeout_s: float) -> Any:
+        """Block until a validly signed value appears at `key` (or raise TimeoutError)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = self.get(key)
+            if value is not None:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no value at control-plane key {self._full(key)} "
+                                   f"after {timeout_s:.0f} s")
+            time.sleep(0.05)
+
+    def delete(self, key: str) -> None:
+        self.store.delete_key(self._full(key))
+
+
+def connect(host: str, port: int, *, timeout_s: float) -> dist.TCPStore:
+    """A client connection to the controller's store."""
+    return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s))

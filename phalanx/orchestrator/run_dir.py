@@ -1,0 +1,52 @@
+"""The run directory (DESIGN.md): config.yaml, plan.json, metrics.jsonl, events.jsonl, summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "logs").mkdir(exist_ok=True)
+        self._metrics = open(self.path / "metrics.jsonl", "a")
+        self._events = open(self.path / "events.jsonl", "a")
+        self._t0 = time.monotonic()
+
+    def write_config(self, yaml_text: str) -> None:
+        _write_atomic(self.path / "config.yaml", yaml_text)
+
+    def write_plan(self, plan_json: str) -> None:
+        _write_atomic(self.path / "plan.json", plan_json)
+
+    def metric(self, record: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
+        self._metrics.flush()
+
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        rec = {"event": kind, "time": time.time(), "t": round(time.monotonic() - self._t0, 3),
+               **fields}
+        self._events.write(json.dumps(rec, sort_keys=True) + "\n")
+        self._events.flush()
+        return rec
+
+    def worker_log(self, rank: int) -> Path:
+        return self.path / "logs" / f"rank{rank}.log"
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        _write_atomic(self.path / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
+
+    def close(self) -> None:
+        self._metrics.close()
+        self._events.close()

@@ -1,0 +1,159 @@
+"""Data-parallel training of a whole model per worker (torch DDP), one optimizer step at a time.
+
+Gradient scale: each micro-batch's loss is summed over its tokens and multiplied
+by dp / global_tokens before backward. DDP averages over the dp ranks, so the
+reduced gradient is (sum over every token of the global batch) / global_tokens:
+the same whatever the world size and accumulation (DESIGN.md invariant 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from phalanx.config import RunConfig
+from phalanx.data import GlobalBatchSampler, TokenWindows, train_val_split
+from phalanx.models import LlamaConfig, LlamaForCausalLM
+from phalanx.parallel.mesh import Layout
+from phalanx.parallel.optim import build_adamw, build_scheduler
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class StepResult:
+    step: int
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    step_time_s: float
+    skipped: bool
+    stop: bool
+    sample_ids: list[int] = field(default_factory=list)
+
+
+def model_config(run: RunConfig) -> LlamaConfig:
+    m = run.model
+    return LlamaConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads,
+        max_position_embeddings=m.max_position_embeddings, rope_theta=m.rope_theta,
+        rms_norm_eps=m.rms_norm_eps, tie_word_embeddings=m.tie_word_embeddings,
+        init_std=m.init_std)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    # Per-rank streams (dropout, sampling) differ by rank; model init uses `seed` alone
+    # so every replica starts identical without relying on DDP's broadcast.
+    torch.manual_seed(seed * 1_000_003 + rank)
+    np.random.seed((seed * 1_000_003 + rank) % 2**32)
+
+
+class DataParallelTrainer:
+    def __init__(self, run: RunConfig, *, rank: int, layout: Layout, tokens: np.ndarray,
+                 device: torch.device, group: dist.ProcessGroup | None = None) -> None:
+        self.run, self.rank, self.layout, self.device = run, rank, layout, device
+        self.group = group
+        self.dp_rank, self.dp_size = layout.dp_rank(rank), layout.dp
+        t = run.trainer
+        seed_everything(t.seed, rank)
+        model = LlamaForCausalLM(model_config(run))
+        model.init_weights(t.seed)
+        model.to(device)
+        self.model = model
+        device_ids = [device.index] if device.type == "cuda" else None
+        # Buffers (rotary tables) are deterministic, so broadcasting them every forward is waste.
+        self.ddp = DDP(model, device_ids=device_ids, process_group=group, broadcast_buffers=False)
+        if run.precision.reduce == "bf16":
+            self.ddp.register_comm_hook(group, default_hooks.bf16_compress_hook)
+        self.optimizer = build_adamw(model, run.optim)
+        self.scheduler = build_scheduler(self.optimizer, run.optim, t.steps)
+        (tr0, tr1), (va0, va1) = train_val_split(len(tokens), run.data.val_fraction, t.seq_len)
+        self.train_windows = TokenWindows(tokens, t.seq_len, start=tr0, stop=tr1)
+        self.val_windows = TokenWindows(tokens, t.seq_len, start=va0, stop=va1)
+        self.sampler = GlobalBatchSampler(len(self.train_windows), t.global_batch, t.seed)
+        self.global_tokens = t.global_batch * t.seq_len
+        self.compute_dtype = _DTYPES[run.precision.compute]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def _loss_sum(self, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = module(x)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
+                               reduction="sum")
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        # NCCL reduces device tensors only; gloo takes them where they are.
+        t = t.to(self.device)
+        dist.all_reduce(t, group=self.group)
+        return t.cpu()
+
+    def train_step(self, step: int, *, stop_requested: bool = False) -> StepResult:
+        """One optimizer step. All ranks return the same loss, norm, skip and stop decision."""
+        t0 = time.perf_counter()
+        mbs = self.sampler.micro_batches(step, self.dp_rank, self.dp_size,
+                                         self.run.parallel.micro_batch_size)
+        self.optimizer.zero_grad(set_to_none=True)
+        scale = self.dp_size / self.global_tokens
+        loss_acc = torch.zeros((), dtype=torch.float64)
+        for i, ids in enumerate(mbs):
+            x, y = self.train_windows.batch(ids)
+            x, y = x.to(self.device), y.to(self.device)
+            # Reduce gradients once per step, on the last micro-batch's backward.
+            sync = contextlib.nullcontext() if i == len(mbs) - 1 else self.ddp.no_sync()
+            with sync:
+                loss_sum = self._loss_sum(self.ddp, x, y)
+                (loss_sum * scale).backward()
+            loss_acc += loss_sum.detach().double().cpu()
+        clip = self.run.trainer.grad_clip if self.run.trainer.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        # One small all-reduce carries the loss, whether any rank saw a non-finite gradient,
+        # and whether any rank was asked to stop: every rank then takes the same decision.
+        stats = torch.tensor([loss_acc.item(), 0.0 if torch.isfinite(grad_norm) else 1.0,
+                              1.0 if stop_requested else 0.0], dtype=torch.float64)
+        stats = self._all_reduce(stats)
+        skipped = bool(stats[1] > 0)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return StepResult(
+            step=step, loss=float(stats[0]) / self.global_tokens, grad_norm=float(grad_norm),
+            lr=lr, tokens=self.global_tokens, step_time_s=time.perf_counter() - t0,
+            skipped=skipped, stop=bool(stats[2] > 0),
+            sample_ids=[int(i) for ids in mbs for i in ids])
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss (nats) over the held-out validation windows, across ranks."""
+        n = min(len(self.val_windows), self.run.trainer.eval_batches * self.run.trainer.global_batch)
+        mine = np.array_split(np.arange(n), self.dp_size)[self.dp_rank]
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        mbs = self.run.parallel.micro_batch_size
+        for i in range(0, len(mine), mbs):
+            x, y = self.val_windows.batch(mine[i:i + mbs])
+            total[0] += self._loss_sum(self.model, x.to(self.device), y.to(self.device)).double().cpu()
+            total[1] += y.numel()
+        self.model.train()
+        total = self._all_reduce(total)
+        return float(total[0] / total[1])

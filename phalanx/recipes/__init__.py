@@ -1,0 +1,1 @@
+"""Hydra config tree (YAML only); this file makes it a package Hydra can find."""
