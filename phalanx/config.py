@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -46,14 +46,14 @@ class ZeroConfig:
     stage: int = 0
     backend: str = "torch"
     offload: bool = False
-    deepspeed_config: Optional[str] = None
+    deepspeed_config: str | None = None
 
 
 @dataclass
 class ParallelConfig:
     # `dp` is shorthand for dp_replicate when dp_shard is 1; None fills the world.
-    dp: Optional[int] = None
-    dp_replicate: Optional[int] = None
+    dp: int | None = None
+    dp_replicate: int | None = None
     dp_shard: int = 1
     tp: int = 1
     pp: int = 1
@@ -93,11 +93,11 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     source: str = MISSING
-    path: Optional[str] = None
-    token_dtype: Optional[str] = None
+    path: str | None = None
+    token_dtype: str | None = None
     val_fraction: float = 0.05
     # None: $PHALANX_CACHE or ~/.cache/phalanx
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     synthetic_tokens: int = 1_000_000
     synthetic_seed: int = 0
 
@@ -125,7 +125,7 @@ class ClusterConfig:
     nodes: int = 1
     devices_per_node: int = MISSING
     # None: the node's cores divided among its workers (at least 1)
-    threads_per_worker: Optional[int] = None
+    threads_per_worker: int | None = None
 
 
 @dataclass
@@ -167,7 +167,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         cfg = OmegaConf.merge(OmegaConf.structured(cls), d)
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 

@@ -7,6 +7,7 @@ import math
 import multiprocessing as mp
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,9 +44,7 @@ def test_tokenizer_round_trip_and_specials() -> None:
     assert tok.decode(ids) == text
 
     framed = tok.encode(text, bos=True, eos=True)
-    assert (
-        framed[0] == tok.BOS and framed[-1] == tok.EOS and len(framed) == len(ids) + 2
-    )
+    assert framed[0] == tok.BOS and framed[-1] == tok.EOS and len(framed) == len(ids) + 2
     assert tok.decode(framed) == text
     # Specials anywhere (e.g. padding in model output) are dropped.
     assert tok.decode([tok.PAD, 104, tok.EOS, 105, tok.BOS]) == "hi"
@@ -103,10 +102,24 @@ def test_stdlib_corpus_build_and_cache_hit(tmp_path: Path) -> None:
     assert rebuilt == info and info.path.stat().st_mtime_ns == mtime
 
 
+def _race_build(barrier: Any, cache_dir: Path, out: Any) -> None:
+    # The barrier lines the builders up after their (slow) imports so the
+    # builds themselves overlap, as when several workers start on one host.
+    barrier.wait()
+    out.put(build_stdlib_corpus(cache_dir))
+
+
 def test_stdlib_corpus_concurrent_builds(tmp_path: Path) -> None:
     ctx = mp.get_context("spawn")
-    with ctx.Pool(3) as pool:
-        infos: list[CorpusInfo] = pool.map(build_stdlib_corpus, [tmp_path] * 3)
+    barrier = ctx.Barrier(3)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_race_build, args=(barrier, tmp_path, out)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    infos: list[CorpusInfo] = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
     assert len({i.sha256 for i in infos}) == 1
     assert len({i.path for i in infos}) == 1
     info = infos[0]
@@ -203,15 +216,11 @@ def test_user_corpus_errors(tmp_path: Path) -> None:
 
     odd = tmp_path / "odd.bin"
     odd.write_bytes(b"\x00" * 6)
-    with pytest.raises(
-        ValueError, match=r"not a multiple of 4 \(uint32\).*token_dtype"
-    ) as e:
+    with pytest.raises(ValueError, match=r"not a multiple of 4 \(uint32\).*token_dtype") as e:
         load_user_corpus(odd, cache, token_dtype="uint32")
     assert str(odd) in str(e.value)
 
-    with pytest.raises(
-        ValueError, match=r"unknown token_dtype 'int64'.*uint8, uint16, uint32"
-    ):
+    with pytest.raises(ValueError, match=r"unknown token_dtype 'int64'.*uint8, uint16, uint32"):
         load_user_corpus(odd, cache, token_dtype="int64")
 
     txt = tmp_path / "t.txt"
@@ -254,9 +263,9 @@ def test_synthetic_corpus_deterministic_and_learnable(tmp_path: Path) -> None:
 
 def test_unigram_entropy_hand_made() -> None:
     # p = (1/2, 1/4, 1/4): H = 1.5 * ln 2.
-    assert unigram_entropy_nats(
-        np.array([5, 5, 9, 7], dtype=np.uint16)
-    ) == pytest.approx(1.5 * math.log(2))
+    assert unigram_entropy_nats(np.array([5, 5, 9, 7], dtype=np.uint16)) == pytest.approx(
+        1.5 * math.log(2)
+    )
     assert unigram_entropy_nats(np.array([3, 3, 3])) == 0.0
     assert unigram_entropy_nats(np.arange(8)) == pytest.approx(math.log(8))
     assert unigram_entropy_nats(np.array([-1, 2])) == pytest.approx(math.log(2))
@@ -303,9 +312,7 @@ def test_train_val_split_disjoint() -> None:
     val_seen = set(torch.cat([vx, vy], 1).flatten().tolist())
     assert not train_seen & val_seen
     assert max(val_seen) < 1000 and min(val_seen) >= 900
-    with pytest.raises(
-        ValueError, match=r"validation range has 5 tokens.*seq_len=16 needs 17"
-    ):
+    with pytest.raises(ValueError, match=r"validation range has 5 tokens.*seq_len=16 needs 17"):
         train_val_split(50, 0.1, 16)
     with pytest.raises(ValueError, match="train range"):
         train_val_split(40, 0.9, 16)
@@ -327,9 +334,7 @@ def _schedules(draw: st.DrawFn) -> tuple[int, int, int, list[tuple[int, int]]]:
     seed = draw(st.integers(0, 2**32))
     divs = _divisors(b)
     segs = draw(
-        st.lists(
-            st.tuples(st.integers(1, 12), st.sampled_from(divs)), min_size=1, max_size=5
-        )
+        st.lists(st.tuples(st.integers(1, 12), st.sampled_from(divs)), min_size=1, max_size=5)
     )
     return n, b, seed, segs
 
@@ -388,9 +393,7 @@ def test_sampler_ranks_disjoint_and_errors() -> None:
     mbs = s.micro_batches(2, 1, 4, 4)
     assert len(mbs) == 4 and all(len(m) == 4 for m in mbs)
     assert not np.array_equal(s.permutation(0), s.permutation(1))
-    assert not np.array_equal(
-        GlobalBatchSampler(1000, 64, 4).step_indices(0), s.step_indices(0)
-    )
+    assert not np.array_equal(GlobalBatchSampler(1000, 64, 4).step_indices(0), s.step_indices(0))
     with pytest.raises(ValueError, match="dp_size=3 must divide global_batch=64"):
         s.rank_indices(0, 0, 3)
     with pytest.raises(ValueError, match="micro_batch_size=3 must divide"):

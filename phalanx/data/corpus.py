@@ -40,9 +40,7 @@ __all__ = [
 
 # Bump to invalidate every cached token file when the layout/derivation changes.
 _FORMAT = 1
-_EXCLUDED_PARTS = frozenset(
-    {"test", "tests", "idlelib", "site-packages", "dist-packages"}
-)
+_EXCLUDED_PARTS = frozenset({"test", "tests", "idlelib", "site-packages", "dist-packages"})
 _DTYPES = ("uint8", "uint16", "uint32")
 _READ_CHUNK = 16 << 20
 _EOS = np.array([ByteTokenizer.EOS], dtype=np.uint16)
@@ -224,9 +222,7 @@ def stdlib_sources() -> list[Path]:
     # os.walk with pruning rather than rglob: site-packages can hold tens of
     # thousands of files, and walking them would make every cache hit slow.
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [
-            d for d in dirnames if d not in _EXCLUDED_PARTS and d != "__pycache__"
-        ]
+        dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_PARTS and d != "__pycache__"]
         base = Path(dirpath)
         for name in filenames:
             p = base / name
@@ -283,9 +279,7 @@ def _synthetic_tokens(num_tokens: int, seed: int, vocab: int) -> np.ndarray:
     alphabet = np.sort(np.argsort(bitgen.random_raw(vocab), kind="stable")[:a])
     # Each state (prev2, prev1) gets k distinct random successors; the i-th
     # successor has probability p[i], so the entropy rate is exactly H(p).
-    succ = np.argsort(
-        bitgen.random_raw(a * a * a).reshape(a * a, a), axis=1, kind="stable"
-    )[:, :k]
+    succ = np.argsort(bitgen.random_raw(a * a * a).reshape(a * a, a), axis=1, kind="stable")[:, :k]
     states = np.arange(a * a)
     # Table indexed by state*k + choice, holding next_state*k so the hot loop
     # is one list lookup per token.
@@ -348,9 +342,7 @@ def _load_bin(path: Path, cache_dir: Path, dtype: str) -> CorpusInfo:
     st = path.stat()
     itemsize = _np_dtype(dtype).itemsize
     if st.st_size == 0:
-        raise ValueError(
-            f"corpus {path} is empty (0 bytes): point at a token file with data"
-        )
+        raise ValueError(f"corpus {path} is empty (0 bytes): point at a token file with data")
     if st.st_size % itemsize:
         raise ValueError(
             f"corpus {path} is {st.st_size} bytes, not a multiple of {itemsize} ({dtype}): "
@@ -400,9 +392,7 @@ def _is_under(p: Path, parent: Path) -> bool:
         return False
 
 
-def load_user_corpus(
-    path: Path, cache_dir: Path, *, token_dtype: str | None = None
-) -> CorpusInfo:
+def load_user_corpus(path: Path, cache_dir: Path, *, token_dtype: str | None = None) -> CorpusInfo:
     """Load a user corpus: a flat ``.bin`` token file, a text file, or a directory of text files.
 
     ``.bin`` files are used in place (``token_dtype`` in uint8/uint16/uint32,
@@ -412,7 +402,8 @@ def load_user_corpus(
     path = Path(path)
     if token_dtype is not None and token_dtype not in _DTYPES:
         raise ValueError(
-            f"unknown token_dtype {token_dtype!r} for corpus {path}: use one of {', '.join(_DTYPES)}"
+            f"unknown token_dtype {token_dtype!r} for corpus {path}: "
+            f"use one of {', '.join(_DTYPES)}"
         )
     if not path.exists():
         raise ValueError(
@@ -446,13 +437,15 @@ def load_user_corpus(
         root, files = path.parent, [path]
     else:
         raise ValueError(
-            f"corpus path {path} is neither a regular file nor a directory: pass a file or directory"
+            f"corpus path {path} is neither a regular file nor a directory: "
+            "pass a file or directory"
         )
     fp = _fingerprint(files, root)
     total = sum(size for _, size, _ in fp)
     if total == 0:
         raise ValueError(
-            f"corpus {path} is empty: its {len(fp)} file(s) have 0 bytes; add text or point elsewhere"
+            f"corpus {path} is empty: its {len(fp)} file(s) have 0 bytes; "
+            "add text or point elsewhere"
         )
     key = _key(
         {
@@ -477,9 +470,7 @@ def load_user_corpus(
 
 def open_tokens(info: CorpusInfo) -> np.ndarray:
     """A read-only memmap of the token file (shared through the page cache)."""
-    return np.memmap(
-        info.path, dtype=_np_dtype(info.dtype), mode="r", shape=(info.num_tokens,)
-    )
+    return np.memmap(info.path, dtype=_np_dtype(info.dtype), mode="r", shape=(info.num_tokens,))
 
 
 def unigram_entropy_nats(tokens: np.ndarray) -> float:
@@ -491,18 +482,14 @@ def unigram_entropy_nats(tokens: np.ndarray) -> float:
     if flat.size == 0:
         raise ValueError("unigram_entropy_nats: tokens is empty")
     if flat.dtype.kind not in "ui":
-        raise TypeError(
-            f"unigram_entropy_nats: expected integer tokens, got dtype {flat.dtype}"
-        )
+        raise TypeError(f"unigram_entropy_nats: expected integer tokens, got dtype {flat.dtype}")
     if flat.dtype.kind == "i" and int(flat.min()) < 0:
         _, counts = np.unique(flat, return_counts=True)
     else:
         # Chunked so a multi-GB memmap is not copied to int64 all at once.
         counts = np.zeros(int(flat.max()) + 1, dtype=np.int64)
         for i in range(0, flat.size, _READ_CHUNK):
-            counts += np.bincount(
-                flat[i : i + _READ_CHUNK].astype(np.intp), minlength=counts.size
-            )
+            counts += np.bincount(flat[i : i + _READ_CHUNK].astype(np.intp), minlength=counts.size)
     p = counts[counts > 0].astype(np.float64) / flat.size
     # max() turns the -0.0 of a single-symbol stream into 0.0.
     return max(0.0, float(-(p * np.log(p)).sum()))

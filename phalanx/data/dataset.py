@@ -34,7 +34,8 @@ class TokenWindows:
             raise ValueError(f"TokenWindows: seq_len must be >= 1, got {seq_len}")
         if not 0 <= start <= stop <= n:
             raise ValueError(
-                f"TokenWindows: need 0 <= start <= stop <= len(tokens)={n}, got start={start} stop={stop}"
+                f"TokenWindows: need 0 <= start <= stop <= len(tokens)={n}, "
+                f"got start={start} stop={stop}"
             )
         self.tokens = tokens
         self.seq_len = seq_len
@@ -48,34 +49,31 @@ class TokenWindows:
     def _check(self, i: int) -> int:
         i = int(i)
         if not 0 <= i < self._len:
-            raise IndexError(
-                f"TokenWindows: index {i} out of range for {self._len} windows"
-            )
+            raise IndexError(f"TokenWindows: index {i} out of range for {self._len} windows")
         return i
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         i = self._check(i)
         lo = self.start + i * self.seq_len
-        w = torch.from_numpy(
-            np.asarray(self.tokens[lo : lo + self.seq_len + 1], dtype=np.int64)
-        )
+        w = torch.from_numpy(np.asarray(self.tokens[lo : lo + self.seq_len + 1], dtype=np.int64))
         return w[:-1], w[1:]
 
     def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stack windows ``indices`` into ``(x, y)`` of shape ``[len(indices), seq_len]`` (int64)."""
+        """Stack windows ``indices`` into int64 ``(x, y)`` of shape ``[len(indices), seq_len]``."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self._len):
             bad = idx[(idx < 0) | (idx >= self._len)][0]
-            raise IndexError(
-                f"TokenWindows: index {int(bad)} out of range for {self._len} windows"
-            )
+            raise IndexError(f"TokenWindows: index {int(bad)} out of range for {self._len} windows")
         # Fancy indexing on a memmap reads only the needed pages into one array.
         offs = self.start + idx[:, None] * self.seq_len + np.arange(self.seq_len + 1)
         w = torch.from_numpy(np.asarray(self.tokens[offs], dtype=np.int64))
         return w[:, :-1], w[:, 1:]
 
     def __repr__(self) -> str:
-        return f"TokenWindows(len={self._len}, seq_len={self.seq_len}, start={self.start}, stop={self.stop})"
+        return (
+            f"TokenWindows(len={self._len}, seq_len={self.seq_len}, "
+            f"start={self.start}, stop={self.stop})"
+        )
 
 
 def train_val_split(
@@ -87,9 +85,7 @@ def train_val_split(
     validation token (windows stop at their range's end).
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(
-            f"train_val_split: val_fraction must be in (0, 1), got {val_fraction}"
-        )
+        raise ValueError(f"train_val_split: val_fraction must be in (0, 1), got {val_fraction}")
     if seq_len < 1:
         raise ValueError(f"train_val_split: seq_len must be >= 1, got {seq_len}")
     n_val = round(num_tokens * val_fraction)
@@ -99,7 +95,8 @@ def train_val_split(
         if size < need:
             raise ValueError(
                 f"train_val_split: the {name} range has {size} tokens but one window of "
-                f"seq_len={seq_len} needs {need} (num_tokens={num_tokens}, val_fraction={val_fraction}): "
+                f"seq_len={seq_len} needs {need} "
+                f"(num_tokens={num_tokens}, val_fraction={val_fraction}): "
                 "use a larger corpus, a shorter seq_len, or adjust val_fraction"
             )
     return (0, split), (split, num_tokens)

@@ -23,13 +23,9 @@ class GlobalBatchSampler:
 
     def __init__(self, num_samples: int, global_batch: int, seed: int) -> None:
         if num_samples < 1:
-            raise ValueError(
-                f"GlobalBatchSampler: num_samples must be >= 1, got {num_samples}"
-            )
+            raise ValueError(f"GlobalBatchSampler: num_samples must be >= 1, got {num_samples}")
         if global_batch < 1:
-            raise ValueError(
-                f"GlobalBatchSampler: global_batch must be >= 1, got {global_batch}"
-            )
+            raise ValueError(f"GlobalBatchSampler: global_batch must be >= 1, got {global_batch}")
         if seed < 0:
             raise ValueError(f"GlobalBatchSampler: seed must be >= 0, got {seed}")
         self.num_samples = num_samples
@@ -83,7 +79,8 @@ class GlobalBatchSampler:
         s = self._check_step(step)
         if dp_size < 1 or self.global_batch % dp_size:
             raise ValueError(
-                f"GlobalBatchSampler: dp_size={dp_size} must divide global_batch={self.global_batch}"
+                f"GlobalBatchSampler: dp_size={dp_size} must divide "
+                f"global_batch={self.global_batch}"
             )
         if not 0 <= dp_rank < dp_size:
             raise ValueError(
@@ -96,16 +93,15 @@ class GlobalBatchSampler:
     def micro_batches(
         self, step: int, dp_rank: int, dp_size: int, micro_batch_size: int
     ) -> list[np.ndarray]:
-        """``rank_indices`` split into gradient-accumulation micro-batches of ``micro_batch_size``."""
+        """``rank_indices`` split into gradient-accumulation micro-batches."""
         ids = self.rank_indices(step, dp_rank, dp_size)
         if micro_batch_size < 1 or len(ids) % micro_batch_size:
             raise ValueError(
-                f"GlobalBatchSampler: micro_batch_size={micro_batch_size} must divide the per-rank batch "
+                f"GlobalBatchSampler: micro_batch_size={micro_batch_size} must divide "
+                "the per-rank batch "
                 f"{len(ids)} (global_batch={self.global_batch} / dp_size={dp_size})"
             )
-        return [
-            ids[i : i + micro_batch_size] for i in range(0, len(ids), micro_batch_size)
-        ]
+        return [ids[i : i + micro_batch_size] for i in range(0, len(ids), micro_batch_size)]
 
     def epoch_of(self, step: int) -> int:
         """Epoch of the first sample of ``step`` (a step may end in the next epoch)."""

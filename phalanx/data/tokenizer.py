@@ -34,17 +34,13 @@ class ByteTokenizer:
     def pad_id(self) -> int:
         return self.PAD
 
-    def encode(
-        self, text: str | bytes, *, bos: bool = False, eos: bool = False
-    ) -> np.ndarray:
+    def encode(self, text: str | bytes, *, bos: bool = False, eos: bool = False) -> np.ndarray:
         if isinstance(text, str):
             data = text.encode("utf-8")
         elif isinstance(text, (bytes, bytearray, memoryview)):
             data = bytes(text)
         else:
-            raise TypeError(
-                f"ByteTokenizer.encode expects str or bytes, got {type(text).__name__}"
-            )
+            raise TypeError(f"ByteTokenizer.encode expects str or bytes, got {type(text).__name__}")
         body = np.frombuffer(data, dtype=np.uint8)
         out = np.empty(len(body) + int(bos) + int(eos), dtype=np.uint16)
         lo = int(bos)
@@ -64,13 +60,12 @@ class ByteTokenizer:
         if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
             bad = arr[(arr < 0) | (arr >= self.vocab_size)][0]
             raise ValueError(
-                f"token id {int(bad)} is outside the ByteTokenizer vocabulary [0, {self.vocab_size})"
+                f"token id {int(bad)} is outside the ByteTokenizer vocabulary "
+                f"[0, {self.vocab_size})"
             )
         # Specials carry no text; dropping them lets callers decode raw model
         # output (which contains BOS/EOS/PAD) without pre-filtering.
-        return (
-            arr[arr < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
-        )
+        return arr[arr < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
     def __repr__(self) -> str:
         return f"ByteTokenizer(vocab_size={self.vocab_size})"

@@ -77,6 +77,16 @@ def _launcher_overrides(argv: list[str]) -> tuple[list[str], int]:
     return overrides, port
 
 
+def compose_recipe(overrides: list[str]) -> DictConfig:
+    """Compose the recipe tree with Hydra's compose API, as `phalanx run` would (no run)."""
+    from hydra import compose, initialize_config_module
+
+    register_schema()
+    hydra_overrides, _ = _launcher_overrides(overrides)
+    with initialize_config_module(config_module="phalanx.recipes", version_base="1.3"):
+        return compose(config_name="config", overrides=hydra_overrides)
+
+
 def _task(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

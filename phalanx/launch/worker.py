@@ -84,9 +84,10 @@ def main() -> int:
 
     state = {"step": -1}
     stop_hb = threading.Event()
-    threading.Thread(target=_heartbeat, daemon=True, name="heartbeat",
-                     args=(host, port, token, generation, rank, run.fault.heartbeat_s, state,
-                           stop_hb)).start()
+    hb_thread = threading.Thread(target=_heartbeat, daemon=True, name="heartbeat",
+                                 args=(host, port, token, generation, rank, run.fault.heartbeat_s,
+                                       state, stop_hb))
+    hb_thread.start()
 
     if plan.backend == "nccl":
         device = torch.device("cuda", local_rank)
@@ -127,7 +128,10 @@ def main() -> int:
         audit.close()
     dist.barrier()
     cp.set(f"done/{rank}", {"last_step": step, "stopped": bool(res.stop)})
+    # Join before exit: a thread left inside a store call while the interpreter tears
+    # down aborts the process ("terminate called without an active exception").
     stop_hb.set()
+    hb_thread.join(timeout=30)
     dist.destroy_process_group()
     return 0
 

@@ -14,8 +14,14 @@ from typing import Any
 import numpy as np
 
 from phalanx.config import ConfigError, RunConfig
-from phalanx.data import (ByteTokenizer, CorpusInfo, build_stdlib_corpus, load_user_corpus,
-                          open_tokens, synthetic_corpus)
+from phalanx.data import (
+    ByteTokenizer,
+    CorpusInfo,
+    build_stdlib_corpus,
+    load_user_corpus,
+    open_tokens,
+    synthetic_corpus,
+)
 
 
 def cache_dir(run: RunConfig) -> Path:

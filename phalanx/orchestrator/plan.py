@@ -43,7 +43,7 @@ class Plan:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | dict[str, Any]) -> "Plan":
+    def from_json(cls, text: str | dict[str, Any]) -> Plan:
         d = json.loads(text) if isinstance(text, str) else dict(text)
         d["layout"] = Layout.from_dict(d["layout"])
         d["members"] = tuple(Member(**m) for m in d["members"])

@@ -34,8 +34,8 @@ class RunDir:
         self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
         self._metrics.flush()
 
-    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        rec = {"event": kind, "time": time.time(), "t": round(time.monotonic() - self._t0, 3),
+    def event(self, name: str, /, **fields: Any) -> dict[str, Any]:
+        rec = {"event": name, "time": time.time(), "t": round(time.monotonic() - self._t0, 3),
                **fields}
         self._events.write(json.dumps(rec, sort_keys=True) + "\n")
         self._events.flush()

@@ -74,7 +74,7 @@ class DataParallelTrainer:
         self.model = model
         device_ids = [device.index] if device.type == "cuda" else None
         # Buffers (rotary tables) are deterministic, so broadcasting them every forward is waste.
-        self.ddp = DDP(model, device_ids=device_ids, process_group=group, broadcast_buffers=False)
+        self.ddp = DDP(model, device_ids=device_ids, process_group=group, forward_sync_buffers=False)
         if run.precision.reduce == "bf16":
             self.ddp.register_comm_hook(group, default_hooks.bf16_compress_hook)
         self.optimizer = build_adamw(model, run.optim)

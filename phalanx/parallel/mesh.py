@@ -42,14 +42,14 @@ class Layout:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside a world of {self.world_size}")
         out: dict[str, int] = {}
-        for axis, size in zip(reversed(AXES), reversed(self._sizes())):
+        for axis, size in zip(reversed(AXES), reversed(self._sizes()), strict=True):
             out[axis] = rank % size
             rank //= size
         return {a: out[a] for a in AXES}
 
     def rank_of(self, **coords: int) -> int:
         rank = 0
-        for axis, size in zip(AXES, self._sizes()):
+        for axis, size in zip(AXES, self._sizes(), strict=True):
             c = coords.get(axis, 0)
             if not 0 <= c < size:
                 raise ValueError(f"{axis}={c} outside 0..{size - 1}")
@@ -71,6 +71,6 @@ class Layout:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Layout":
+    def from_dict(cls, d: dict[str, Any]) -> Layout:
         return cls(**d)
 

@@ -1,0 +1,25 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Corpora are cached per test session, never in the user's home.
+_CACHE = Path(os.environ.get("PHALANX_TEST_CACHE", "/tmp/phalanx-test-cache"))
+os.environ.setdefault("PHALANX_CACHE", str(_CACHE))
+
+
+@pytest.fixture(scope="session")
+def phalanx_exe() -> list[str]:
+    return [sys.executable, "-m", "phalanx"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_phalanx(args: list[str], *, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "phalanx", "run", *args], capture_output=True,
+                          text=True, timeout=timeout)

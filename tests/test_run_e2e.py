@@ -1,0 +1,190 @@
+"""`phalanx run` end to end: a controller and real worker processes over gloo on localhost."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import read_jsonl, run_phalanx
+
+from phalanx.data import build_stdlib_corpus, open_tokens, train_val_split, unigram_entropy_nats
+
+pytestmark = pytest.mark.e2e
+
+SUMMARY_KEYS = {"status", "steps", "initial_loss", "final_loss", "tokens_per_s", "wall_s",
+                "layout", "failures", "recoveries"}
+FAST = ["data=synthetic", "trainer=smoke"]
+
+
+def _ok(proc: subprocess.CompletedProcess, run_dir: Path) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "ok"
+    return summary
+
+
+def test_default_job_learns_below_unigram_entropy(tmp_path):
+    """README command 1: `phalanx run` with no recipe arguments."""
+    run_dir = tmp_path / "default"
+    t0 = time.monotonic()
+    proc = run_phalanx(["--run-dir", str(run_dir)], timeout=300)
+    wall = time.monotonic() - t0
+    summary = _ok(proc, run_dir)
+    assert wall < 180
+    for name in ("config.yaml", "plan.json", "metrics.jsonl", "events.jsonl", "summary.json"):
+        assert (run_dir / name).is_file(), name
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["steps"] == 200 and summary["layout"]["dp_replicate"] == 2
+    tokens = open_tokens(build_stdlib_corpus(Path(os.environ["PHALANX_CACHE"]) / "corpus"))
+    (lo, hi), _ = train_val_split(len(tokens), 0.05, 128)
+    entropy = unigram_entropy_nats(tokens[lo:hi])
+    assert summary["corpus"]["sha256"] and summary["corpus"]["source"] == "stdlib"
+    assert summary["final_loss"] < entropy, (summary["final_loss"], entropy)
+    assert summary["final_val_loss"] < entropy
+    assert summary["final_loss"] < summary["initial_loss"] - 2.0
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(200))
+    assert sum("val_loss" in m for m in metrics) == 4
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """The same synthetic recipe: twice on 2 workers, once on 1 worker."""
+    base = tmp_path_factory.mktemp("smoke")
+    out = {}
+    for name, n in (("a", 2), ("b", 2), ("single", 1)):
+        run_dir = base / name
+        proc = run_phalanx([*FAST, "--nproc-per-node", str(n), "trainer.audit_samples=true",
+                            "--run-dir", str(run_dir)])
+        _ok(proc, run_dir)
+        out[name] = run_dir
+    return out
+
+
+def test_same_command_twice_is_bit_identical(smoke_runs):
+    a = read_jsonl(smoke_runs["a"] / "metrics.jsonl")
+    b = read_jsonl(smoke_runs["b"] / "metrics.jsonl")
+    assert len(a) == len(b) == 10
+    for key in ("loss", "grad_norm", "lr", "val_loss"):
+        assert [m.get(key) for m in a] == [m.get(key) for m in b], key
+
+
+def test_ddp_matches_single_process_over_same_global_batch(smoke_runs):
+    dp = read_jsonl(smoke_runs["a"] / "metrics.jsonl")
+    single = read_jsonl(smoke_runs["single"] / "metrics.jsonl")
+    plan = json.loads((smoke_runs["single"] / "plan.json").read_text())
+    assert plan["layout"]["dp_replicate"] == 1 and plan["grad_accum"] == 2
+    for x, y in zip(dp, single, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5, abs=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+    # Same samples consumed, whatever the world size (the audit log records them).
+    def consumed(run_dir: Path) -> dict[int, list[int]]:
+        steps: dict[int, list[int]] = {}
+        for f in sorted((run_dir / "audit").glob("rank*.jsonl")):
+            for rec in read_jsonl(f):
+                steps.setdefault(rec["step"], []).extend(rec["ids"])
+        return {s: sorted(ids) for s, ids in steps.items()}
+    assert consumed(smoke_runs["a"]) == consumed(smoke_runs["single"])
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "phalanx", "run", *args], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= n:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"no {n} steps within {timeout} s")
+
+
+def _worker_pids(run_dir: Path) -> dict[int, int]:
+    return {e["rank"]: e["pid"] for e in read_jsonl(run_dir / "events.jsonl")
+            if e["event"] == "worker_start"}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+LONG = ["data=synthetic", "trainer=smoke", "trainer.steps=100000", "trainer.eval_every=100000"]
+
+
+@pytest.fixture
+def controller():
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:  # a failed assertion must not leave a run behind
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_worker_sigkill_fails_run_cleanly(tmp_path, controller):
+    run_dir = tmp_path / "kill"
+    proc = _start([*LONG, "--run-dir", str(run_dir)])
+    controller.append(proc)
+    _wait_for_steps(run_dir, 3, proc)
+    pids = _worker_pids(run_dir)
+    os.kill(pids[1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "worker rank 1" in err and "was killed by signal SIGKILL" in err
+    assert "cannot recover a lost worker yet" in err
+    assert not any(_alive(p) for p in pids.values())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    assert [(f["rank"], f["kind"]) for f in summary["failures"]] == [(1, "worker_exit")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_workers_at_a_step_boundary(tmp_path, controller, sig):
+    run_dir = tmp_path / "stop"
+    proc = _start([*LONG, "--run-dir", str(run_dir)])
+    controller.append(proc)
+    _wait_for_steps(run_dir, 3, proc)
+    pids = _worker_pids(run_dir)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + sig
+    assert not any(_alive(p) for p in pids.values())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["failures"] == []
+    assert f"stopped by {sig.name}" in summary["message"]
+    # Every worker finished the same step and left through the front door.
+    exits = [e for e in read_jsonl(run_dir / "events.jsonl") if e["event"] == "worker_exit"]
+    assert exits == []  # nobody had to be terminated
+    for rank in pids:
+        assert "Traceback" not in (run_dir / "logs" / f"rank{rank}.log").read_text()
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(summary["steps"]))
+
+
+def test_frozen_worker_is_declared_dead_and_killed(tmp_path, controller):
+    run_dir = tmp_path / "frozen"
+    proc = _start([*LONG, "fault.heartbeat_s=0.5", "fault.heartbeat_timeout_s=3",
+                   "--run-dir", str(run_dir)])
+    controller.append(proc)
+    _wait_for_steps(run_dir, 3, proc)
+    pids = _worker_pids(run_dir)
+    os.kill(pids[0], signal.SIGSTOP)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "worker rank 0" in err and "sent no heartbeat" in err
+    assert not any(_alive(p) for p in pids.values())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [(f["rank"], f["kind"]) for f in summary["failures"]] == [(0, "heartbeat_timeout")]
