@@ -188,3 +188,29 @@ def test_frozen_worker_is_declared_dead_and_killed(tmp_path, controller):
     assert not any(_alive(p) for p in pids.values())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [(f["rank"], f["kind"]) for f in summary["failures"]] == [(0, "heartbeat_timeout")]
+
+
+def test_bf16_user_files_and_wandb_offline(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, src in enumerate(sorted(Path(__file__).parent.glob("*.py"))):
+        (corpus / f"{i}.txt").write_bytes(src.read_bytes())
+    run_dir = tmp_path / "bf16"
+    proc = run_phalanx(["trainer=smoke", "precision=bf16", "logging=wandb", "data=files",
+                        f"data.path={corpus}", "trainer.seq_len=32", "--run-dir", str(run_dir)])
+    summary = _ok(proc, run_dir)
+    assert summary["corpus"]["source"] == "user"
+    assert summary["final_loss"] < summary["initial_loss"]
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()
+    assert b"tokens_per_s" in data and b"val_loss" in data  # per-step history was logged
+
+
+def test_multirun_sweeps_one_run_directory_each(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_phalanx([*FAST, "--multirun", "trainer.steps=2,3", "--run-dir", str(sweep)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    steps = sorted(json.loads((d / "summary.json").read_text())["steps"]
+                   for d in sweep.iterdir() if (d / "summary.json").exists())
+    assert steps == [2, 3]

@@ -52,11 +52,18 @@ def _launcher_overrides(argv: list[str]) -> tuple[list[str], int]:
     p.add_argument("--run-dir", "--run_dir", dest="run_dir")
     p.add_argument("--standalone", action="store_true")
     flags, rest = p.parse_known_args(argv)
-    overrides = []
-    multirun = any(a in ("-m", "--multirun") for a in rest)
+    # Hydra's own parser wants its flags before the overrides; users interleave them.
+    hydra_flags: list[str] = []
+    overrides: list[str] = []
     for a in rest:
-        # DESIGN.md: `nodes=N` on a command line is shorthand for cluster.nodes=N.
-        overrides.append("cluster.nodes=" + a.split("=", 1)[1] if a.startswith("nodes=") else a)
+        if a.startswith("-"):
+            hydra_flags.append(a)
+        elif "=" in a or a[:1] in "~+":
+            # DESIGN.md: `nodes=N` on a command line is shorthand for cluster.nodes=N.
+            overrides.append("cluster.nodes=" + a.split("=", 1)[1] if a.startswith("nodes=") else a)
+        else:  # the value of the flag before it, e.g. `--cfg job`
+            hydra_flags.append(a)
+    multirun = any(a in ("-m", "--multirun") for a in hydra_flags)
     if flags.nproc is not None:
         if flags.nproc < 1:
             raise ConfigError(f"--nproc-per-node {flags.nproc} must be >= 1.")
@@ -74,7 +81,7 @@ def _launcher_overrides(argv: list[str]) -> tuple[list[str], int]:
     port = 0
     if not flags.standalone and os.environ.get("MASTER_PORT", "").isdigit():
         port = int(os.environ["MASTER_PORT"])
-    return overrides, port
+    return hydra_flags + overrides, port
 
 
 def compose_recipe(overrides: list[str]) -> DictConfig:
