@@ -8,6 +8,7 @@ PHALANX_GENERATION and PHALANX_RUN_DIR.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import os
@@ -54,6 +55,8 @@ def _pin_cores(local_rank: int, threads: int) -> None:
 
 
 def main() -> int:
+    # A crash or abort prints every thread's Python stack into the worker log.
+    faulthandler.enable(all_threads=True)
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
@@ -137,4 +140,11 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter finalization: with torch 2.13 + gloo, destroying the C++ objects at
+    # teardown aborts now and then ("terminate called without an active exception", no Python
+    # frame), which would turn a finished worker into a crashed one. Everything is flushed.
+    os._exit(code)
