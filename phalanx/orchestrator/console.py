@@ -47,6 +47,8 @@ class Console:
         tps = f"{rec['tokens_per_s']:,.0f}"
         if self._progress is not None:
             self._progress.update(self._task, completed=step, loss=loss, tps=tps)
+            if "val_loss" in rec:
+                self._progress.console.print(f"step {step}: val_loss {rec['val_loss']:.4f}")
         elif self.mode == "plain":
             now = time.monotonic()
             if now - self._last_plain >= PLAIN_EVERY_S or step == self.total or "val_loss" in rec:
