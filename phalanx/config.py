@@ -183,6 +183,9 @@ def register_schema() -> None:
 
 
 _DTYPES = ("fp32", "bf16")
+# Pipeline schedules by name (phalanx.parallel.pipeline.schedules.build_schedule).
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+VIRTUAL_SCHEDULES = ("interleaved_1f1b",)
 _DATA_SOURCES = ("stdlib", "synthetic", "files")
 
 
@@ -225,16 +228,23 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
              f"trainer.seq_len={t.seq_len} exceeds model.max_position_embeddings="
              f"{m.max_position_embeddings}; shorten the sequence or raise the model's limit.")
 
-    # Layout. Everything but plain data parallelism arrives with later issues; say so
-    # rather than silently ignoring the key.
-    for key, what in (("tp", "tensor parallelism"), ("pp", "pipeline parallelism"),
-                      ("vpp", "virtual pipeline stages"), ("dp_shard", "ZeRO/FSDP sharding")):
-        _require(getattr(p, key) == 1,
-                 f"parallel.{key}={getattr(p, key)}: {what} is not available in this build yet; "
-                 f"use parallel.{key}=1.")
+    # Layout. ZeRO sharding arrives with its own issue; say so rather than ignoring the key.
+    _require(p.dp_shard == 1, f"parallel.dp_shard={p.dp_shard}: ZeRO/FSDP sharding is not available "
+             "in this build yet; use parallel.dp_shard=1.")
     _require(p.zero.stage == 0, f"parallel.zero.stage={p.zero.stage}: ZeRO is not available in "
              "this build yet; use parallel.zero.stage=0.")
-    _require(not p.sp, "parallel.sp=true needs tensor parallelism, which is not available yet.")
+    for key in ("tp", "pp", "vpp"):
+        _positive(f"parallel.{key}", getattr(p, key))
+    _require(not p.sp or p.tp > 1, "parallel.sp=true (sequence parallel) shards activations over "
+             "the tensor-parallel group: it needs parallel.tp > 1.")
+    _require(p.schedule in SCHEDULES,
+             f"parallel.schedule={p.schedule!r}: choose one of {', '.join(SCHEDULES)}.")
+    _require(p.vpp == 1 or p.schedule in VIRTUAL_SCHEDULES,
+             f"parallel.vpp={p.vpp} needs an interleaved schedule: set "
+             f"parallel.schedule={VIRTUAL_SCHEDULES[0]} (or parallel.vpp=1).")
+    _require(not (p.sp and t.seq_len % p.tp),
+             f"trainer.seq_len={t.seq_len} is not divisible by parallel.tp={p.tp}, which sequence "
+             "parallelism (parallel.sp=true) splits it into.")
     _require(p.recompute in ("none", "selective", "full"),
              f"parallel.recompute={p.recompute!r}: choose none, selective or full.")
     _positive("cluster.nodes", run.cluster.nodes)
@@ -265,6 +275,16 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
              f"trainer.global_batch={t.global_batch} is not divisible by parallel.micro_batch_size"
              f"={p.micro_batch_size} x data-parallel size {run.dp_size}; use a global batch that "
              f"is a multiple of {per_rank} (gradient accumulation covers the rest).")
+
+    from phalanx.parallel.mesh import Layout
+
+    try:
+        Layout(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, pp=p.pp, tp=p.tp,
+               vpp=p.vpp).check_model(
+            num_layers=m.num_hidden_layers, num_heads=m.num_attention_heads,
+            num_kv_heads=m.num_key_value_heads, n_microbatches=run.grad_accum, schedule=p.schedule)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     _require(o.name == "adamw", f"optim.name={o.name!r}: only adamw is available.")
     _positive("optim.lr", o.lr)

@@ -36,7 +36,22 @@ def test_launcher_flags_become_recipe_keys():
                                   "parallel.micro_batch_size=4 x data-parallel size 2"),
     (["parallel.dp=4"], "set --nproc-per-node 4 or change parallel.dp"),
     (["parallel.dp=2", "parallel.dp_replicate=1"], "disagree; set only one of them"),
-    (["parallel.pp=2"], "parallel.pp=2: pipeline parallelism is not available in this build yet"),
+    (["parallel.dp_shard=2"], "parallel.dp_shard=2: ZeRO/FSDP sharding is not available"),
+    (["--nproc-per-node", "4", "parallel.pp=3"], "the world of 4 workers is not divisible by "
+                                                 "tp*pp*dp_shard=3"),
+    (["--nproc-per-node", "3", "parallel.pp=3", "trainer.global_batch=12"],
+     "model.num_hidden_layers=4 cannot be cut into pp*vpp = 3*1 = 3 equal stages"),
+    (["--nproc-per-node", "8", "parallel.tp=8", "trainer.global_batch=4"],
+     "model.num_attention_heads=4 is not divisible by parallel.tp=8"),
+    (["parallel.tp=2", "model.num_key_value_heads=1"],
+     "model.num_key_value_heads=1 is not divisible by parallel.tp=2"),
+    (["parallel.pp=2", "parallel.vpp=2", "parallel.schedule=interleaved_1f1b",
+      "trainer.global_batch=12"], "needs the number of micro-batches (3 = global_batch"),
+    (["parallel.pp=2", "trainer.global_batch=4"], "1 micro-batches cannot fill a pipeline of "
+                                                  "parallel.pp=2"),
+    (["parallel.pp=2", "parallel.vpp=2"], "parallel.vpp=2 needs an interleaved schedule"),
+    (["parallel.sp=true"], "it needs parallel.tp > 1"),
+    (["parallel.schedule=zigzag"], "parallel.schedule='zigzag': choose one of"),
     (["trainer.seq_len=1024"], "trainer.seq_len=1024 exceeds model.max_position_embeddings=512"),
     (["precision.compute=fp16"], "precision.compute='fp16': choose one of fp32, bf16"),
     (["data=files", "data.path=/nonexistent/corpus.txt"], "data.path=/nonexistent/corpus.txt "

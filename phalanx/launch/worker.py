@@ -54,6 +54,17 @@ def _pin_cores(local_rank: int, threads: int) -> None:
         os.sched_setaffinity(0, cpus[local_rank * threads:(local_rank + 1) * threads])
 
 
+def _write_timeline(run_dir: Path, rank: int, layout, trainer, step: int) -> None:
+    """The last step's measured action timeline of one pipeline (dp replica 0, tp rank 0)."""
+    events = getattr(trainer, "last_events", None)
+    coords = layout.coords(rank)
+    if not events or coords["dp_replicate"] or coords["dp_shard"] or coords["tp"]:
+        return
+    (run_dir / "timeline").mkdir(exist_ok=True)
+    (run_dir / "timeline" / f"pp{coords['pp']}.json").write_text(json.dumps(
+        {"step": step, "pp_rank": coords["pp"], "events": [vars(e) for e in events]}))
+
+
 def main() -> int:
     # A crash or abort prints every thread's Python stack into the worker log.
     faulthandler.enable(all_threads=True)
@@ -101,7 +112,13 @@ def main() -> int:
                             rank=rank, world_size=world,
                             timeout=timedelta(seconds=run.fault.collective_timeout_s))
     tokens = open_tokens(corpus_from_dict(plan.corpus))
-    trainer = DataParallelTrainer(run, rank=rank, layout=plan.layout, tokens=tokens, device=device)
+    lay = plan.layout
+    if lay.pp == 1 and lay.tp == 1:
+        trainer = DataParallelTrainer(run, rank=rank, layout=lay, tokens=tokens, device=device)
+    else:
+        from phalanx.parallel.pipeline_trainer import PipelineTrainer
+
+        trainer = PipelineTrainer(run, rank=rank, layout=lay, tokens=tokens, device=device)
     cp.set(f"ready/{rank}", {"pid": os.getpid()})
 
     audit = None
@@ -127,6 +144,7 @@ def main() -> int:
             cp.set(f"metrics/{step}", rec)
         if res.stop:
             break
+    _write_timeline(run_dir, rank, lay, trainer, step)
     if audit is not None:
         audit.close()
     dist.barrier()

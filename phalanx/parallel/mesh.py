@@ -35,6 +35,29 @@ class Layout:
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
 
+    def check_model(self, *, num_layers: int, num_heads: int, num_kv_heads: int,
+                    n_microbatches: int, schedule: str) -> None:
+        """Raise ValueError, naming the dims and the fix, when the model cannot be laid out."""
+        chunks = self.pp * self.vpp
+        if num_layers % chunks:
+            raise ValueError(
+                f"model.num_hidden_layers={num_layers} cannot be cut into pp*vpp = {self.pp}*{self.vpp}"
+                f" = {chunks} equal stages; choose pp*vpp dividing {num_layers}.")
+        for name, n in (("num_attention_heads", num_heads), ("num_key_value_heads", num_kv_heads)):
+            if n % self.tp:
+                raise ValueError(f"model.{name}={n} is not divisible by parallel.tp={self.tp}; "
+                                 f"tensor parallelism splits whole heads: use a tp dividing {n}.")
+        if self.vpp > 1 and n_microbatches % self.pp:
+            raise ValueError(
+                f"interleaving (parallel.vpp={self.vpp}) needs the number of micro-batches "
+                f"({n_microbatches} = global_batch / (dp x micro_batch_size)) to be a multiple of "
+                f"parallel.pp={self.pp}; change trainer.global_batch or parallel.micro_batch_size.")
+        if self.pp > 1 and n_microbatches < self.pp:
+            raise ValueError(
+                f"{n_microbatches} micro-batches cannot fill a pipeline of parallel.pp={self.pp} "
+                f"stages ({schedule}); use at least {self.pp} (raise trainer.global_batch or lower "
+                "parallel.micro_batch_size).")
+
     def _sizes(self) -> list[int]:
         return [getattr(self, a) for a in AXES]
 

@@ -1,0 +1,219 @@
+"""3D-parallel training step: pipeline stages (our runtime) x tensor parallel (DTensor) x data parallel.
+
+Parallelism is applied from outside the model in a fixed order (torchtitan's):
+cut the model into this rank's stages, shard each over tp, run the schedule,
+reduce each stage's gradients over dp as soon as its last backward is done,
+clip by the norm over the whole model, step. Gradient scale is the same as the
+data-parallel trainer's: token-summed loss / global token count, dp SUM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+
+from phalanx.config import RunConfig
+from phalanx.data import GlobalBatchSampler, TokenWindows, train_val_split
+from phalanx.models import LlamaForCausalLM
+from phalanx.parallel.data_parallel import StepResult, model_config, seed_everything
+from phalanx.parallel.mesh import AXES, Layout
+from phalanx.parallel.optim import build_adamw, build_scheduler
+from phalanx.parallel.pipeline.actions import Action
+from phalanx.parallel.pipeline.lowering import lower
+from phalanx.parallel.pipeline.runtime import PipelineRuntime
+from phalanx.parallel.pipeline.schedules import Schedule, build_schedule
+from phalanx.parallel.pipeline.simulator import Event, simulate
+from phalanx.parallel.tensor import apply_tensor_parallel, clip_grad_norm_global_, tp_loss_sum
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build_mesh(layout: Layout, device: torch.device) -> DeviceMesh:
+    return init_device_mesh(device.type, tuple(getattr(layout, a) for a in AXES),
+                            mesh_dim_names=AXES)
+
+
+def stage_layers(stage: int, *, n_stages: int, num_layers: int) -> range:
+    per = num_layers // n_stages
+    return range(stage * per, (stage + 1) * per)
+
+
+def forward_only_actions(schedule: Schedule, pp_rank: int) -> list[Action]:
+    """Evaluation order: micro-batch by micro-batch along its route, forward only.
+
+    Rare (every eval_every steps), so simplicity beats overlap here.
+    """
+    out: list[Action] = []
+    for mb, route in enumerate(schedule.routes):
+        for i, s in enumerate(route):
+            here = schedule.stage_to_rank[s] == pp_rank
+            if here and i > 0 and schedule.stage_to_rank[route[i - 1]] != pp_rank:
+                out.append(Action(s, "RECV_F", mb))
+            if here:
+                out.append(Action(s, "F", mb))
+            if here and i + 1 < len(route) and schedule.stage_to_rank[route[i + 1]] != pp_rank:
+                out.append(Action(s, "SEND_F", mb))
+    return out
+
+
+class PipelineTrainer:
+    def __init__(self, run: RunConfig, *, rank: int, layout: Layout, tokens: np.ndarray,
+                 device: torch.device, mesh: DeviceMesh | None = None) -> None:
+        self.run, self.rank, self.layout, self.device = run, rank, layout, device
+        t, p = run.trainer, run.parallel
+        seed_everything(t.seed, rank)
+        self.mesh = mesh if mesh is not None else build_mesh(layout, device)
+        coords = layout.coords(rank)
+        self.pp_rank, self.tp_rank = coords["pp"], coords["tp"]
+        self.dp_rank, self.dp_size = layout.dp_rank(rank), layout.dp
+        self.pp_group = self.mesh.get_group("pp")
+        self.dp_group = self.mesh.get_group("dp_replicate")  # dp_shard is 1 until ZeRO lands
+        self.world_group = None if mesh is None else self._mesh_world_group()
+        n_mb = t.global_batch // (self.dp_size * p.micro_batch_size)
+        self.schedule = build_schedule(p.schedule, pp=p.pp, vpp=p.vpp, n_microbatches=n_mb)
+        lowered = lower(self.schedule)
+        simulate(lowered, self.schedule, costs={"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0})
+        cfg = model_config(run)
+        self.stages: dict[int, nn.Module] = {}
+        n_stages = self.schedule.n_stages
+        for s in self.schedule.rank_stages(self.pp_rank):
+            m = LlamaForCausalLM(cfg, layer_ids=stage_layers(s, n_stages=n_stages,
+                                                             num_layers=cfg.num_hidden_layers),
+                                 has_embedding=s == 0, has_head=s == n_stages - 1)
+            m.init_weights(t.seed)
+            m.to(device)
+            if p.tp > 1:
+                apply_tensor_parallel(m, self.mesh["tp"], sequence_parallel=p.sp)
+            self.stages[s] = m
+        self.params = [q for m in self.stages.values() for q in m.parameters()]
+        holder = nn.ModuleList(list(self.stages.values()))
+        self.optimizer = build_adamw(holder, run.optim)
+        self.scheduler = build_scheduler(self.optimizer, run.optim, t.steps)
+        (tr0, tr1), (va0, va1) = train_val_split(len(tokens), run.data.val_fraction, t.seq_len)
+        self.train_windows = TokenWindows(tokens, t.seq_len, start=tr0, stop=tr1)
+        self.val_windows = TokenWindows(tokens, t.seq_len, start=va0, stop=va1)
+        self.sampler = GlobalBatchSampler(len(self.train_windows), t.global_batch, t.seed)
+        self.global_tokens = t.global_batch * t.seq_len
+        self.compute_dtype = _DTYPES[run.precision.compute]
+        pp_ranks = torch.distributed.get_process_group_ranks(self.pp_group)
+        seq = t.seq_len // p.tp if p.sp else t.seq_len
+        shape = (p.micro_batch_size, seq, cfg.hidden_size)
+        common = dict(schedule=self.schedule, pp_rank=self.pp_rank, stages=self.stages,
+                      pp_ranks=pp_ranks, pp_group=self.pp_group,
+                      activation=lambda _stage: (shape, torch.float32), loss_fn=tp_loss_sum,
+                      device=device, autocast=self._autocast)
+        self.runtime = PipelineRuntime(actions=lowered[self.pp_rank],
+                                       loss_scale=1.0 / self.global_tokens,
+                                       on_stage_grads_ready=self._reduce_stage_async, **common)
+        self.eval_runtime = PipelineRuntime(
+            actions=forward_only_actions(self.schedule, self.pp_rank), loss_scale=1.0, **common)
+        self._pending: list[tuple[dist.Work, torch.Tensor, list[torch.Tensor]]] = []
+        self.last_events: list[Event] = []
+        # The loss is counted once per pipeline: by tp rank 0 of whichever rank holds the
+        # last stage, in each data-parallel replica.
+        self._counts_loss = (self.tp_rank == 0
+                             and self.schedule.stage_to_rank[n_stages - 1] == self.pp_rank)
+
+    def _mesh_world_group(self) -> dist.ProcessGroup:
+        ranks = sorted(int(r) for r in self.mesh.mesh.flatten())
+        return dist.new_group(ranks)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    @staticmethod
+    def _local(g: torch.Tensor) -> torch.Tensor:
+        return g._local_tensor if isinstance(g, DTensor) else g
+
+    def _reduce_stage_async(self, stage: int) -> None:
+        if self.dp_size == 1:
+            return
+        grads = [self._local(q.grad) for q in self.stages[stage].parameters() if q.grad is not None]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        work = dist.all_reduce(flat, group=self.dp_group, async_op=True)
+        self._pending.append((work, flat, grads))
+
+    def _finish_reductions(self) -> None:
+        for work, flat, grads in self._pending:
+            work.wait()
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        self._pending.clear()
+
+    def _batches(self, ids_list: list[np.ndarray],
+                 windows: TokenWindows) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        xs, ys = [], []
+        for ids in ids_list:
+            x, y = windows.batch(ids)
+            xs.append(x)
+            ys.append(y)
+        return xs, ys
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.device)
+        dist.all_reduce(t, group=self.world_group)
+        return t.cpu()
+
+    def train_step(self, step: int, *, stop_requested: bool = False) -> StepResult:
+        t0 = time.perf_counter()
+        mbs = self.sampler.micro_batches(step, self.dp_rank, self.dp_size,
+                                         self.run.parallel.micro_batch_size)
+        xs, ys = self._batches(mbs, self.train_windows)
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.runtime.step(xs, ys)
+        self.last_events = out.events
+        self._finish_reductions()
+        clip = self.run.trainer.grad_clip if self.run.trainer.grad_clip > 0 else math.inf
+        norm = clip_grad_norm_global_(self.params, clip, groups=[self.pp_group])
+        loss = float(out.loss_sum) if self._counts_loss else 0.0
+        stats = torch.tensor([loss, 0.0 if math.isfinite(float(norm)) else 1.0,
+                              1.0 if stop_requested else 0.0], dtype=torch.float64)
+        stats = self._all_reduce(stats)
+        skipped = bool(stats[1] > 0)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return StepResult(
+            step=step, loss=float(stats[0]) / self.global_tokens, grad_norm=float(norm), lr=lr,
+            tokens=self.global_tokens, step_time_s=time.perf_counter() - t0, skipped=skipped,
+            stop=bool(stats[2] > 0), sample_ids=[int(i) for ids in mbs for i in ids])
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        t, p = self.run.trainer, self.run.parallel
+        n = min(len(self.val_windows), t.eval_batches * t.global_batch)
+        per_pipeline = self.schedule.n_microbatches * p.micro_batch_size
+        total = torch.zeros(2, dtype=torch.float64)
+        # Each round feeds every replica one schedule's worth of windows (the eval runtime
+        # expects exactly n_microbatches micro-batches of micro_batch_size).
+        round_size = per_pipeline * self.dp_size
+        for r0 in range(0, n - round_size + 1, round_size):
+            ids = np.arange(r0 + self.dp_rank * per_pipeline, r0 + (self.dp_rank + 1) * per_pipeline)
+            xs, ys = self._batches(np.split(ids, self.schedule.n_microbatches), self.val_windows)
+            for m in self.stages.values():
+                m.eval()
+            out = self.eval_runtime.step(xs, ys)
+            for m in self.stages.values():
+                m.train()
+            if self._counts_loss:
+                total[0] += out.loss_sum
+            total[1] += per_pipeline * t.seq_len
+        total = self._all_reduce(total)
+        # Every rank added the token count; one pipeline's worth of ranks per replica matters.
+        ranks_per_replica = self.layout.pp * self.layout.tp
+        return float(total[0] / (total[1] / ranks_per_replica))
