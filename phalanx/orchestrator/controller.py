@@ -29,6 +29,7 @@ from phalanx.orchestrator.control_plane import TOKEN_ENV, ControlPlane
 from phalanx.orchestrator.corpus import corpus_to_dict, prepare_corpus
 from phalanx.orchestrator.plan import Plan, plan_single_node
 from phalanx.orchestrator.run_dir import RunDir
+from phalanx.orchestrator.timeline import export_timeline
 
 log = logging.getLogger("phalanx.controller")
 
@@ -133,6 +134,9 @@ class Controller:
             for s, h in old.items():
                 signal.signal(s, h)
         summary = self._summary(status, message, plan, corpus, time.monotonic() - t_start)
+        pipeline = export_timeline(self.dir.path, self.run, n_microbatches=plan.grad_accum)
+        if pipeline is not None:
+            summary["pipeline"] = pipeline
         self.dir.event("run_end", status=status)
         self.dir.write_summary(summary)
         if wandb_run is not None:

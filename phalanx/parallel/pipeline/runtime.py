@@ -40,6 +40,8 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 @dataclass
 class StepOutput:
     loss_sum: torch.Tensor  # summed over the micro-batches whose last stage is on this rank
+    # Times are absolute perf_counter (CLOCK_MONOTONIC) seconds: comparable across the
+    # processes of one host, so ranks' timelines line up without a clock exchange.
     events: list[Event] = field(default_factory=list)
 
 
@@ -87,14 +89,13 @@ class PipelineRuntime:
         w_state: dict[tuple[int, int], tuple] = {}
         loss_sum = torch.zeros((), dtype=torch.float64)
         events: list[Event] = []
-        t0 = time.perf_counter()
         pending: list[tuple[Action, object]] = []  # (action, tensor or recv buffer)
 
         def flush() -> None:
             if not pending:
                 return
             ops, recvs = [], []
-            start = time.perf_counter() - t0
+            start = time.perf_counter()
             for a, buf in pending:
                 if a.kind.startswith("SEND"):
                     direction = 0 if a.kind == "SEND_F" else 1
@@ -115,7 +116,7 @@ class PipelineRuntime:
                 else:
                     grad_out[(a.stage, a.mb)] = buf
             events.append(Event(rank=self.pp_rank, action="+".join(str(a) for a, _ in pending),
-                                start=start, end=time.perf_counter() - t0))
+                                start=start, end=time.perf_counter()))
             pending.clear()
 
         for i, a in enumerate(self.actions):
@@ -139,7 +140,7 @@ class PipelineRuntime:
             flush()
             if not a.is_compute:
                 continue  # UNSHARD/RESHARD/REDUCE_GRAD: nothing to do without ZeRO
-            start = time.perf_counter() - t0
+            start = time.perf_counter()
             key = (a.stage, a.mb)
             module = self.stages[a.stage]
             prev, nxt = self._route_neighbours(a.stage, a.mb)
@@ -186,7 +187,7 @@ class PipelineRuntime:
                 else:
                     stage_backward_weight(module.parameters(), groups)
             events.append(Event(rank=self.pp_rank, action=str(a), start=start,
-                                end=time.perf_counter() - t0))
+                                end=time.perf_counter()))
             if self.on_stage_grads_ready is not None and self._last_bwd.get(a.stage) == i:
                 self.on_stage_grads_ready(a.stage)
         flush()

@@ -59,7 +59,8 @@ class Schedule:
                 raise ValueError(f"Schedule {self.name!r}: rank {r} holds stages {list(held)}, "
                                  f"expected vpp={self.vpp} stages on every rank")
         if len(self.actions) != self.pp:
-            raise ValueError(f"Schedule {self.name!r}: {len(self.actions)} action lists for pp={self.pp} ranks")
+            raise ValueError(f"Schedule {self.name!r}: {len(self.actions)} action lists for "
+                             f"pp={self.pp} ranks")
         for r, acts in enumerate(self.actions):
             for a in acts:
                 if not a.is_compute:
@@ -128,13 +129,20 @@ class Schedule:
         """Read torch's compute-only CSV. Placement and micro-batch count are inferred from
         the actions, as torch's `_validate_schedule` does, unless given."""
         rows = read_actions_csv(path)
+        for acts in rows:
+            comm = next((a for a in acts if a.is_comm), None)
+            if comm is not None:
+                raise ValueError(f"{path} holds {comm}: a lowered schedule; read it with read_actions_csv")
+        # torch's single-stage schedules list REDUCE_GRAD in their compute order; lower(zero=True)
+        # puts ZeRO actions back, so the schedule keeps compute only.
+        rows = tuple(tuple(a for a in acts if a.is_compute) for acts in rows)
         pp = len(rows)
         if stage_to_rank is None:
             placed: dict[int, int] = {}
             for r, acts in enumerate(rows):
                 for a in acts:
                     if placed.setdefault(a.stage, r) != r:
-                        raise ValueError(f"{path}: stage {a.stage} appears on ranks {placed[a.stage]} and {r}")
+                        raise ValueError(f"{path}: stage {a.stage} is on ranks {placed[a.stage]} and {r}")
             if sorted(placed) != list(range(len(placed))):
                 raise ValueError(f"{path}: stages {sorted(placed)} are not 0..S-1")
             stage_to_rank = [placed[s] for s in range(len(placed))]
@@ -154,6 +162,7 @@ def write_actions_csv(path: str | PathLike[str], rows: Sequence[Sequence[Action]
 
 
 def read_actions_csv(path: str | PathLike[str]) -> tuple[tuple[Action, ...], ...]:
+    """Per-rank action lists from torch's CSV layout (compute-only or lowered)."""
     with open(path, newline="") as f:
         # torch writes its idle slots (None) as empty fields: they carry no action.
         return tuple(tuple(Action.parse(s) for s in row if s.strip()) for row in csv.reader(f))
@@ -346,7 +355,8 @@ def build_schedule(name: str, *, pp: int, vpp: int = 1, n_microbatches: int) -> 
         return interleaved_1f1b(pp, vpp, n_microbatches)
     if name == "zb_v":
         if vpp != 2:
-            raise ValueError(f"zb_v places exactly 2 stages per rank (a V), got vpp={vpp}: set parallel.vpp=2")
+            raise ValueError(f"zb_v places exactly 2 stages per rank (a V), got vpp={vpp}: "
+                             "set parallel.vpp=2")
         return zb_v(pp, n_microbatches)
     if vpp != 1:
         raise ValueError(f"schedule {name!r} runs one stage per rank, got vpp={vpp}: set parallel.vpp=1, "

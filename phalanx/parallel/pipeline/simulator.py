@@ -148,7 +148,7 @@ class _Sim:
                 self.fail(r, a, at=at, why=f"micro-batch {a.mb} of n_microbatches={self.s.n_microbatches}")
             if a.stage not in self.s.routes[a.mb]:
                 self.fail(r, a, at=at, why=f"stage {a.stage} is not on micro-batch {a.mb}'s route "
-                                f"{list(self.s.routes[a.mb])}")
+                                           f"{list(self.s.routes[a.mb])}")
 
     def compute(self, r: int, a: Action) -> None:
         key = (a.stage, a.mb)
@@ -246,10 +246,11 @@ class _Sim:
             self.fail(r, a, at=i, why=f"posted twice (also on rank {self.posted[a][0]})")
         p = _partner(self.s, a)
         if p is None:
-            self.fail(r, a, at=i, why=f"stage {a.stage} has no peer for {a.kind} on micro-batch {a.mb}'s route "
-                            f"{list(self.s.routes[a.mb])}")
+            self.fail(r, a, at=i, why=f"stage {a.stage} has no peer for {a.kind} on micro-batch "
+                                      f"{a.mb}'s route {list(self.s.routes[a.mb])}")
         if self.s.stage_to_rank[p.stage] == r:
-            self.fail(r, a, at=i, why=f"stage {p.stage} is on the same rank: tensors pass locally, without comms")
+            self.fail(r, a, at=i, why=f"stage {p.stage} is on the same rank: tensors pass locally, "
+                                      "without comms")
         key = (a.stage, a.mb)
         if a.kind == "SEND_F" and key not in self.fwd:
             self.fail(r, a, at=i, why="sends an output before the forward that computes it")
