@@ -116,9 +116,11 @@ def main() -> int:
     if lay.pp == 1 and lay.tp == 1:
         trainer = DataParallelTrainer(run, rank=rank, layout=lay, tokens=tokens, device=device)
     else:
+        from phalanx.parallel.pipeline.schedules import Schedule
         from phalanx.parallel.pipeline_trainer import PipelineTrainer
 
-        trainer = PipelineTrainer(run, rank=rank, layout=lay, tokens=tokens, device=device)
+        trainer = PipelineTrainer(run, rank=rank, layout=lay, tokens=tokens, device=device,
+                                  schedule=Schedule.from_dict(plan.schedule))
     cp.set(f"ready/{rank}", {"pid": os.getpid()})
 
     audit = None

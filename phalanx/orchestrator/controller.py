@@ -134,9 +134,10 @@ class Controller:
             for s, h in old.items():
                 signal.signal(s, h)
         summary = self._summary(status, message, plan, corpus, time.monotonic() - t_start)
-        pipeline = export_timeline(self.dir.path, self.run, n_microbatches=plan.grad_accum)
-        if pipeline is not None:
-            summary["pipeline"] = pipeline
+        if plan.schedule is not None:
+            pipeline = export_timeline(self.dir.path, schedule=plan.schedule)
+            if pipeline is not None:
+                summary["pipeline"] = pipeline
         self.dir.event("run_end", status=status)
         self.dir.write_summary(summary)
         if wandb_run is not None:

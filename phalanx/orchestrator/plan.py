@@ -12,6 +12,7 @@ from typing import Any
 
 from phalanx.config import RunConfig
 from phalanx.parallel.mesh import Layout
+from phalanx.parallel.pipeline.schedules import build_schedule
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class Plan:
     threads_per_worker: int
     # The token file every worker reads; the controller builds it once before launch.
     corpus: dict[str, Any] = field(default_factory=dict)
+    # The pipeline schedule (Schedule.to_dict: per-rank action lists and per-micro-batch
+    # routes) when the layout runs the pipeline runtime (pp > 1 or tp > 1); None for DDP.
+    schedule: dict[str, Any] | None = None
 
     @property
     def world_size(self) -> int:
@@ -58,6 +62,10 @@ def plan_single_node(run: RunConfig, *, generation: int, backend: str, cores: in
     layout = Layout(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, pp=p.pp, tp=p.tp, vpp=p.vpp)
     n = run.cluster.devices_per_node
     threads = run.cluster.threads_per_worker or max(1, cores // n)
+    schedule = None
+    if p.pp > 1 or p.tp > 1:
+        schedule = build_schedule(p.schedule, pp=p.pp, vpp=p.vpp,
+                                  n_microbatches=run.grad_accum).to_dict()
     return Plan(
         generation=generation,
         layout=layout,
@@ -69,4 +77,5 @@ def plan_single_node(run: RunConfig, *, generation: int, backend: str, cores: in
         seq_len=run.trainer.seq_len,
         threads_per_worker=threads,
         corpus=corpus,
+        schedule=schedule,
     )

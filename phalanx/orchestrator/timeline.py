@@ -14,9 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from phalanx.config import RunConfig
 from phalanx.parallel.pipeline.lowering import lower
-from phalanx.parallel.pipeline.schedules import build_schedule
+from phalanx.parallel.pipeline.schedules import Schedule
 from phalanx.parallel.pipeline.simulator import Event, measured_bubble, simulate
 from phalanx.parallel.pipeline.trace import plot_timeline, to_chrome_trace
 
@@ -33,7 +32,7 @@ def mean_costs(events: list[Event]) -> dict[str, float]:
     return {k: statistics.fmean(v) for k, v in by_kind.items()}
 
 
-def export_timeline(run_dir: Path, run: RunConfig, *, n_microbatches: int) -> dict[str, Any] | None:
+def export_timeline(run_dir: Path, *, schedule: dict[str, Any]) -> dict[str, Any] | None:
     files = sorted((run_dir / "timeline").glob("pp*.json"))
     if not files:
         return None
@@ -42,17 +41,16 @@ def export_timeline(run_dir: Path, run: RunConfig, *, n_microbatches: int) -> di
            for d in docs for e in d["events"]]
     t0 = min(e.start for e in raw)
     events = [Event(rank=e.rank, action=e.action, start=e.start - t0, end=e.end - t0) for e in raw]
-    p = run.parallel
-    schedule = build_schedule(p.schedule, pp=p.pp, vpp=p.vpp, n_microbatches=n_microbatches)
-    sim = simulate(lower(schedule), schedule, costs=mean_costs(events))
+    sched = Schedule.from_dict(schedule)
+    sim = simulate(lower(sched), sched, costs=mean_costs(events))
     to_chrome_trace(events, path=run_dir / "timeline.json")
     to_chrome_trace(sim.events, path=run_dir / "timeline_simulated.json")
-    title = f"{p.schedule} pp={p.pp} vpp={p.vpp} m={n_microbatches}"
+    title = f"{sched.name} pp={sched.pp} vpp={sched.vpp} m={sched.n_microbatches}"
     try:
         plot_timeline(events, run_dir / "timeline.png", title=f"measured: {title}")
         plot_timeline(sim.events, run_dir / "timeline_simulated.png", title=f"simulated: {title}")
     except ImportError:
         log.info("matplotlib is not installed: timeline PNGs skipped (pip install matplotlib)")
-    return {"schedule": p.schedule, "step": docs[0]["step"], "n_microbatches": n_microbatches,
-            "bubble_measured": measured_bubble(events, p.pp),
+    return {"schedule": sched.name, "step": docs[0]["step"], "n_microbatches": sched.n_microbatches,
+            "bubble_measured": measured_bubble(events, sched.pp),
             "bubble_simulated": sim.bubble_fraction}

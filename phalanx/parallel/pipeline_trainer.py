@@ -66,7 +66,9 @@ def forward_only_actions(schedule: Schedule, pp_rank: int) -> list[Action]:
 
 class PipelineTrainer:
     def __init__(self, run: RunConfig, *, rank: int, layout: Layout, tokens: np.ndarray,
-                 device: torch.device, mesh: DeviceMesh | None = None) -> None:
+                 device: torch.device, mesh: DeviceMesh | None = None,
+                 schedule: Schedule | None = None) -> None:
+        """`schedule` is the one the controller published; built from the recipe when absent."""
         self.run, self.rank, self.layout, self.device = run, rank, layout, device
         t, p = run.trainer, run.parallel
         seed_everything(t.seed, rank)
@@ -78,7 +80,8 @@ class PipelineTrainer:
         self.dp_group = self.mesh.get_group("dp_replicate")  # dp_shard is 1 until ZeRO lands
         self.world_group = None if mesh is None else self._mesh_world_group()
         n_mb = t.global_batch // (self.dp_size * p.micro_batch_size)
-        self.schedule = build_schedule(p.schedule, pp=p.pp, vpp=p.vpp, n_microbatches=n_mb)
+        self.schedule = schedule or build_schedule(p.schedule, pp=p.pp, vpp=p.vpp,
+                                                   n_microbatches=n_mb)
         lowered = lower(self.schedule)
         simulate(lowered, self.schedule, costs={"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0})
         cfg = model_config(run)
