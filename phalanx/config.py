@@ -228,11 +228,24 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
              f"trainer.seq_len={t.seq_len} exceeds model.max_position_embeddings="
              f"{m.max_position_embeddings}; shorten the sequence or raise the model's limit.")
 
-    # Layout. ZeRO sharding arrives with its own issue; say so rather than ignoring the key.
-    _require(p.dp_shard == 1, f"parallel.dp_shard={p.dp_shard}: ZeRO/FSDP sharding is not available "
-             "in this build yet; use parallel.dp_shard=1.")
-    _require(p.zero.stage == 0, f"parallel.zero.stage={p.zero.stage}: ZeRO is not available in "
-             "this build yet; use parallel.zero.stage=0.")
+    # Layout. ZeRO shards within dp_shard; dp_replicate holds full copies (HSDP).
+    z = p.zero
+    _require(z.stage in (0, 1, 2, 3), f"parallel.zero.stage={z.stage}: choose 0, 1, 2 or 3.")
+    _require(z.backend in ("torch", "deepspeed"),
+             f"parallel.zero.backend={z.backend!r}: choose torch or deepspeed.")
+    _require(z.backend == "torch", "parallel.zero.backend=deepspeed is not available in this "
+             "build yet; use parallel.zero.backend=torch.")
+    _require(not z.offload, "parallel.zero.offload=true needs DeepSpeed's CPU Adam, which is not "
+             "available in this build yet; use parallel.zero.offload=false.")
+    _require(p.dp_shard == 1 or z.stage > 0,
+             f"parallel.dp_shard={p.dp_shard} shards model state with ZeRO: set "
+             "parallel.zero.stage=1, 2 or 3 (or parallel.dp_shard=1 for plain replicas).")
+    _require(z.stage == 0 or p.dp_shard > 1,
+             f"parallel.zero.stage={z.stage} shards within parallel.dp_shard, which is 1: set "
+             "parallel.dp_shard to the number of ranks to shard over.")
+    _require(z.stage == 0 or p.tp == 1,
+             f"parallel.zero.stage={z.stage} with parallel.tp={p.tp}: ZeRO over tensor-parallel "
+             "shards is not available in this build yet; use parallel.tp=1 with ZeRO.")
     for key in ("tp", "pp", "vpp"):
         _positive(f"parallel.{key}", getattr(p, key))
     _require(not p.sp or p.tp > 1, "parallel.sp=true (sequence parallel) shards activations over "

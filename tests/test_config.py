@@ -36,7 +36,13 @@ def test_launcher_flags_become_recipe_keys():
                                   "parallel.micro_batch_size=4 x data-parallel size 2"),
     (["parallel.dp=4"], "set --nproc-per-node 4 or change parallel.dp"),
     (["parallel.dp=2", "parallel.dp_replicate=1"], "disagree; set only one of them"),
-    (["parallel.dp_shard=2"], "parallel.dp_shard=2: ZeRO/FSDP sharding is not available"),
+    (["parallel.dp_shard=2"], "parallel.dp_shard=2 shards model state with ZeRO: set "
+                              "parallel.zero.stage=1, 2 or 3"),
+    (["parallel.zero.stage=2"], "shards within parallel.dp_shard, which is 1"),
+    (["parallel.zero.stage=4"], "parallel.zero.stage=4: choose 0, 1, 2 or 3"),
+    (["parallel.zero.stage=1", "parallel.dp_shard=2", "parallel.tp=2", "--nproc-per-node", "4"],
+     "ZeRO over tensor-parallel shards is not available"),
+    (["parallel.recompute=some"], "parallel.recompute='some': choose none, selective or full"),
     (["--nproc-per-node", "4", "parallel.pp=3"], "the world of 4 workers is not divisible by "
                                                  "tp*pp*dp_shard=3"),
     (["--nproc-per-node", "3", "parallel.pp=3", "trainer.global_batch=12"],

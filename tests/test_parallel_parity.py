@@ -1,9 +1,11 @@
-"""One 3D-parallel training step equals the unsplit model's `loss.backward()` in one process.
+"""3D-parallel and ZeRO training steps equal the unsplit model's `loss.backward()` in one process.
 
-Every case runs one optimizer step on real gloo worker processes (one world per
-world size runs the whole matrix) and is compared, parameter by parameter, with
-the whole model trained on the same global batch in this process: the loss, the
-clipped gradients (clipping set low so it triggers) and the updated weights.
+Every case runs on real gloo worker processes (one world per world size runs
+the whole matrix) and is compared, parameter by parameter, with the whole model
+trained on the same global batches in this process: the losses, the clipped
+gradients (clipping set low so it triggers; one-step cases) and the updated
+weights. ZeRO cases run 3 steps and also bound each rank's resident model-state
+bytes by the ZeRO formula for its stage (+10%), so a "ZeRO" that does not shard fails.
 """
 
 import json
@@ -33,8 +35,18 @@ BASE = ["data=synthetic", "data.synthetic_tokens=60000", "trainer.seq_len=16",
         "trainer.global_batch=8", "parallel.micro_batch_size=1", "trainer.grad_clip=0.05",
         "trainer.steps=10", "trainer.eval_every=10", "trainer.eval_batches=1", *MODEL]
 
-# name: (world, overrides)
+# name: (world, overrides[, steps])
+ZERO = ["parallel.dp_shard=2", "parallel.zero.stage"]
 CASES = {
+    "zero1_dp2": (2, [ZERO[0], f"{ZERO[1]}=1"], 3),
+    "zero2_dp2": (2, [ZERO[0], f"{ZERO[1]}=2"], 3),
+    "zero3_dp2": (2, [ZERO[0], f"{ZERO[1]}=3"], 3),
+    "zero3_pp2_dp2": (4, [ZERO[0], f"{ZERO[1]}=3", "parallel.pp=2"], 3),
+    "zero2_pp2_dp2_zb": (4, [ZERO[0], f"{ZERO[1]}=2", "parallel.pp=2", "parallel.schedule=zb_h1"], 3),
+    "zero1_hsdp_2x2": (4, [ZERO[0], f"{ZERO[1]}=1", "parallel.dp_replicate=2"], 3),
+    "zero2_hsdp_2x2": (4, [ZERO[0], f"{ZERO[1]}=2", "parallel.dp_replicate=2"], 3),
+    "recompute_full_pp2": (2, ["parallel.pp=2", "parallel.recompute=full"]),
+    "recompute_selective_tp2": (2, ["parallel.tp=2", "parallel.recompute=selective"]),
     "pp2_gpipe": (2, ["parallel.pp=2", "parallel.schedule=gpipe"]),
     "pp2_1f1b": (2, ["parallel.pp=2", "parallel.schedule=1f1b"]),
     "pp2_zb_h1": (2, ["parallel.pp=2", "parallel.schedule=zb_h1"]),
@@ -88,7 +100,7 @@ def results(tmp_path_factory):
     specs: dict[int, list[dict]] = {}
     runs = {}
     only = os.environ.get("PARITY_ONLY", "").split(",")  # debugging: run a subset
-    for name, (world, overrides) in CASES.items():
+    for name, (world, overrides, *steps) in CASES.items():
         if only != [""] and name not in only:
             continue
         run = validate(compose_recipe([*BASE, *overrides, "--nproc-per-node", str(world)]))
@@ -96,36 +108,46 @@ def results(tmp_path_factory):
         p = run.parallel
         layout = {"dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "pp": p.pp,
                   "tp": p.tp, "vpp": p.vpp}
-        specs.setdefault(world, []).append({"name": name, "run": run.to_dict(),
-                                            "layout": layout, "corpus": corpus})
-        runs[name] = (run, corpus)
+        specs.setdefault(world, []).append({"name": name, "run": run.to_dict(), "steps": steps[0]
+                                            if steps else 1, "layout": layout, "corpus": corpus})
+        runs[name] = (run, corpus, steps[0] if steps else 1)
     for world, cases in specs.items():
         _run_world(world, cases, out)
     return out, runs
 
 
-def _reference(run, corpus) -> dict:
-    """The whole model in this process: loss.backward() on the global batch, clip, AdamW step."""
-    torch.manual_seed(0)
+def _reference(run, corpus, steps: int) -> dict:
+    """The whole model in this process: loss.backward() on each global batch, clip, AdamW."""
     tokens = open_tokens(corpus_from_dict(corpus))
     t = run.trainer
     (lo, hi), _ = train_val_split(len(tokens), run.data.val_fraction, t.seq_len)
     windows = TokenWindows(tokens, t.seq_len, start=lo, stop=hi)
-    ids = GlobalBatchSampler(len(windows), t.global_batch, t.seed).step_indices(0)
-    x, y = windows.batch(ids)
+    sampler = GlobalBatchSampler(len(windows), t.global_batch, t.seed)
     model = LlamaForCausalLM(model_config(run))
     model.init_weights(t.seed)
-    logits = model(x)
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-                                             reduction="sum") / (t.global_batch * t.seq_len)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     opt = build_adamw(model, run.optim)
-    build_scheduler(opt, run.optim, t.steps)
-    opt.step()
-    return {"loss": loss.item(), "norm": float(norm), "grads": grads,
+    sched = build_scheduler(opt, run.optim, t.steps)
+    losses = []
+    for step in range(steps):
+        x, y = windows.batch(sampler.step_indices(step))
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 y.reshape(-1), reduction="sum")
+        (loss / (t.global_batch * t.seq_len)).backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        losses.append(loss.item() / (t.global_batch * t.seq_len))
+        opt.step()
+        sched.step()
+    return {"losses": losses, "norm": float(norm), "grads": grads,
             "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+def _zero_formula(stage: int, numel: int, n: int) -> float:
+    """Model-state bytes per rank, fp32 parameters and gradients + Adam (no master copy)."""
+    psi = numel
+    return {0: 16 * psi, 1: 8 * psi + 8 * psi / n, 2: 4 * psi + 12 * psi / n, 3: 16 * psi / n}[stage]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -133,20 +155,27 @@ def test_step_matches_unsplit_model(results, name):
     out, runs = results
     if name not in runs:
         pytest.skip("not selected by PARITY_ONLY")
-    run, corpus = runs[name]
-    ref = _reference(run, corpus)
+    run, corpus, steps = runs[name]
+    ref = _reference(run, corpus, steps)
     assert ref["norm"] > run.trainer.grad_clip * 2, "clipping must actually trigger"
     ranks = sorted(out.glob(f"{name}.rank*.pt"))
     assert len(ranks) == CASES[name][0]
     seen: set[str] = set()
     for f in ranks:
         got = torch.load(f, weights_only=False)
-        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5)
         assert got["grad_norm"] == pytest.approx(ref["norm"], rel=1e-4)
+        for pname, w in got["params"].items():
+            torch.testing.assert_close(w, ref["params"][pname], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, p=pname, r=f.name: f"{r} param {p}: {m}")
+            seen.add(pname)
         for pname, g in got["grads"].items():
             torch.testing.assert_close(g, ref["grads"][pname], rtol=1e-4, atol=1e-6,
                                        msg=lambda m, p=pname, r=f.name: f"{r} grad {p}: {m}")
-            torch.testing.assert_close(got["params"][pname], ref["params"][pname], rtol=1e-4,
-                                       atol=1e-6, msg=lambda m, p=pname: f"param {p}: {m}")
-            seen.add(pname)
-    assert seen == set(ref["grads"]), "every parameter is held by some rank"
+        z = run.parallel.zero
+        if z.stage:
+            bound = _zero_formula(z.stage, got["numel"], run.parallel.dp_shard)
+            # A stage that does not shard what it claims exceeds its formula: each stage's
+            # bound is below the one before it.
+            assert got["state_bytes"] <= 1.10 * bound, (got["state_bytes"], bound)
+    assert seen == set(ref["params"]), "every parameter is held by some rank"

@@ -116,7 +116,11 @@ def main(argv: Sequence[str]) -> int:
         print(f"phalanx bench: error: unknown benchmark {args.name!r}; available: "
               f"{', '.join(sorted(BENCHES))}", file=sys.stderr)
         return 2
-    doc = run_bench(args.name, quick=args.quick)
+    try:
+        doc = run_bench(args.name, quick=args.quick)
+    except RuntimeError as e:  # a rank failed or hung: the message carries the ranks' logs
+        print(f"phalanx bench {args.name}: failed: {e}", file=sys.stderr)
+        return 1
     write_result(doc, args.out)
     if args.out is not None:
         figs = ", ".join(f"{k}={v:.3f}" for k, v in doc["figures"].items())

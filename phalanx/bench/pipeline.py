@@ -73,7 +73,7 @@ class Case:
     micro_batch: int = 2
     n_micro: int = 8
     warmup: int = 3  # untimed steps per implementation and layout
-    reps: int = 9  # timed steps per implementation and layout
+    reps: int = 25  # timed steps per implementation and layout
     seed: int = 1234
 
     @property
@@ -83,7 +83,7 @@ class Case:
 
 
 FULL = Case()
-QUICK = Case(hidden=128, intermediate=352, seq=64, warmup=2, reps=5)
+QUICK = Case(hidden=128, intermediate=352, seq=64, warmup=2, reps=15)
 
 # (phalanx schedule name, torch schedule class, vpp)
 VARIANTS: tuple[tuple[str, str, int], ...] = (
@@ -339,7 +339,7 @@ class _Rank:
         if self.last:
             kwargs.update(target=self.y, losses=losses)
         self.torch_schedule.step(*args, **kwargs)
-        return float(sum(float(v) for v in losses)) if self.last else None
+        return float(sum(float(v.detach()) for v in losses)) if self.last else None
 
     def phalanx_step(self) -> tuple[float | None, list]:
         out = self.runtime.step(self.xs, self.ys)

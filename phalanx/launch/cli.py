@@ -28,6 +28,8 @@ usage: phalanx <command> [args]
 
 commands:
   run     train: `phalanx run [--nproc-per-node N] [key=value ...]` (see `phalanx run --help`)
+  bench   benchmark against the peer implementation: `phalanx bench NAME [--quick] [--out FILE]`,
+          `phalanx bench --list`
 
 The embedded default (`phalanx run` with no arguments) trains a tiny Llama on the
 Python standard library's sources with 2 CPU workers.
@@ -151,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     cmd, rest = argv[0], argv[1:]
     if cmd == "run":
         return run_command(rest)
+    if cmd == "bench":
+        from phalanx.bench import main as bench_main
+
+        return bench_main(rest)
     return _error(f"unknown command {cmd!r}; see `phalanx --help`.")
 
 

@@ -113,7 +113,7 @@ def main() -> int:
                             timeout=timedelta(seconds=run.fault.collective_timeout_s))
     tokens = open_tokens(corpus_from_dict(plan.corpus))
     lay = plan.layout
-    if lay.pp == 1 and lay.tp == 1:
+    if plan.schedule is None:
         trainer = DataParallelTrainer(run, rank=rank, layout=lay, tokens=tokens, device=device)
     else:
         from phalanx.parallel.pipeline.schedules import Schedule

@@ -36,7 +36,7 @@ class Plan:
     # The token file every worker reads; the controller builds it once before launch.
     corpus: dict[str, Any] = field(default_factory=dict)
     # The pipeline schedule (Schedule.to_dict: per-rank action lists and per-micro-batch
-    # routes) when the layout runs the pipeline runtime (pp > 1 or tp > 1); None for DDP.
+    # routes) when the layout runs the pipeline runtime (pp, tp or ZeRO); None for DDP.
     schedule: dict[str, Any] | None = None
 
     @property
@@ -63,7 +63,7 @@ def plan_single_node(run: RunConfig, *, generation: int, backend: str, cores: in
     n = run.cluster.devices_per_node
     threads = run.cluster.threads_per_worker or max(1, cores // n)
     schedule = None
-    if p.pp > 1 or p.tp > 1:
+    if p.pp > 1 or p.tp > 1 or p.zero.stage > 0:
         schedule = build_schedule(p.schedule, pp=p.pp, vpp=p.vpp,
                                   n_microbatches=run.grad_accum).to_dict()
     return Plan(

@@ -25,6 +25,7 @@ from phalanx.data import GlobalBatchSampler, TokenWindows, train_val_split
 from phalanx.models import LlamaConfig, LlamaForCausalLM
 from phalanx.parallel.mesh import Layout
 from phalanx.parallel.optim import build_adamw, build_scheduler
+from phalanx.parallel.recompute import apply_recompute
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -71,6 +72,7 @@ class DataParallelTrainer:
         model = LlamaForCausalLM(model_config(run))
         model.init_weights(t.seed)
         model.to(device)
+        apply_recompute(model, run.parallel.recompute)
         self.model = model
         device_ids = [device.index] if device.type == "cuda" else None
         # Buffers (rotary tables) are deterministic, so broadcasting them every forward is waste.

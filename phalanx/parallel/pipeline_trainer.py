@@ -25,13 +25,15 @@ from phalanx.data import GlobalBatchSampler, TokenWindows, train_val_split
 from phalanx.models import LlamaForCausalLM
 from phalanx.parallel.data_parallel import StepResult, model_config, seed_everything
 from phalanx.parallel.mesh import AXES, Layout
-from phalanx.parallel.optim import build_adamw, build_scheduler
+from phalanx.parallel.optim import adamw, build_adamw, build_scheduler
 from phalanx.parallel.pipeline.actions import Action
 from phalanx.parallel.pipeline.lowering import lower
 from phalanx.parallel.pipeline.runtime import PipelineRuntime
 from phalanx.parallel.pipeline.schedules import Schedule, build_schedule
 from phalanx.parallel.pipeline.simulator import Event, simulate
+from phalanx.parallel.recompute import apply_recompute
 from phalanx.parallel.tensor import apply_tensor_parallel, clip_grad_norm_global_, tp_loss_sum
+from phalanx.parallel.zero import ZeroStage
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -51,7 +53,8 @@ def forward_only_actions(schedule: Schedule, pp_rank: int) -> list[Action]:
 
     Rare (every eval_every steps), so simplicity beats overlap here.
     """
-    out: list[Action] = []
+    mine = schedule.rank_stages(pp_rank)
+    out: list[Action] = [Action(s, "UNSHARD") for s in mine]
     for mb, route in enumerate(schedule.routes):
         for i, s in enumerate(route):
             here = schedule.stage_to_rank[s] == pp_rank
@@ -61,7 +64,7 @@ def forward_only_actions(schedule: Schedule, pp_rank: int) -> list[Action]:
                 out.append(Action(s, "F", mb))
             if here and i + 1 < len(route) and schedule.stage_to_rank[route[i + 1]] != pp_rank:
                 out.append(Action(s, "SEND_F", mb))
-    return out
+    return out + [Action(s, "RESHARD") for s in mine]
 
 
 class PipelineTrainer:
@@ -77,12 +80,15 @@ class PipelineTrainer:
         self.pp_rank, self.tp_rank = coords["pp"], coords["tp"]
         self.dp_rank, self.dp_size = layout.dp_rank(rank), layout.dp
         self.pp_group = self.mesh.get_group("pp")
-        self.dp_group = self.mesh.get_group("dp_replicate")  # dp_shard is 1 until ZeRO lands
+        self.replica_group = self.mesh.get_group("dp_replicate")
+        self.shard_group = self.mesh.get_group("dp_shard")
         self.world_group = None if mesh is None else self._mesh_world_group()
         n_mb = t.global_batch // (self.dp_size * p.micro_batch_size)
         self.schedule = schedule or build_schedule(p.schedule, pp=p.pp, vpp=p.vpp,
                                                    n_microbatches=n_mb)
-        lowered = lower(self.schedule)
+        # zero=True: the lowering places UNSHARD / RESHARD / REDUCE_GRAD; the data-parallel
+        # reduction hangs off REDUCE_GRAD with or without ZeRO.
+        lowered = lower(self.schedule, zero=True)
         simulate(lowered, self.schedule, costs={"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0})
         cfg = model_config(run)
         self.stages: dict[int, nn.Module] = {}
@@ -95,10 +101,22 @@ class PipelineTrainer:
             m.to(device)
             if p.tp > 1:
                 apply_tensor_parallel(m, self.mesh["tp"], sequence_parallel=p.sp)
+            apply_recompute(m, p.recompute)
             self.stages[s] = m
-        self.params = [q for m in self.stages.values() for q in m.parameters()]
-        holder = nn.ModuleList(list(self.stages.values()))
-        self.optimizer = build_adamw(holder, run.optim)
+        self.zero: dict[int, ZeroStage] = {}
+        if p.zero.stage > 0:
+            replicas = self.replica_group if layout.dp_replicate > 1 else None
+            self.zero = {s: ZeroStage(m, zero_stage=p.zero.stage, shard_group=self.shard_group,
+                                      replica_group=replicas) for s, m in self.stages.items()}
+            self.params = [q for z in self.zero.values() for q in z.shard_params()]
+            self.optimizer = adamw([g for z in self.zero.values()
+                                    for g in z.optimizer_groups(run.optim.weight_decay)], run.optim)
+            # Shards are disjoint within dp_shard: their norms add up there too.
+            self._norm_groups = [self.pp_group, self.shard_group]
+        else:
+            self.params = [q for m in self.stages.values() for q in m.parameters()]
+            self.optimizer = build_adamw(nn.ModuleList(list(self.stages.values())), run.optim)
+            self._norm_groups = [self.pp_group]
         self.scheduler = build_scheduler(self.optimizer, run.optim, t.steps)
         (tr0, tr1), (va0, va1) = train_val_split(len(tokens), run.data.val_fraction, t.seq_len)
         self.train_windows = TokenWindows(tokens, t.seq_len, start=tr0, stop=tr1)
@@ -113,11 +131,14 @@ class PipelineTrainer:
                       pp_ranks=pp_ranks, pp_group=self.pp_group,
                       activation=lambda _stage: (shape, torch.float32), loss_fn=tp_loss_sum,
                       device=device, autocast=self._autocast)
+        gathers = {"UNSHARD": self._unshard, "RESHARD": self._reshard}
         self.runtime = PipelineRuntime(actions=lowered[self.pp_rank],
                                        loss_scale=1.0 / self.global_tokens,
-                                       on_stage_grads_ready=self._reduce_stage_async, **common)
+                                       hooks={**gathers, "REDUCE_GRAD": self._reduce_stage},
+                                       **common)
         self.eval_runtime = PipelineRuntime(
-            actions=forward_only_actions(self.schedule, self.pp_rank), loss_scale=1.0, **common)
+            actions=forward_only_actions(self.schedule, self.pp_rank), loss_scale=1.0,
+            hooks=gathers, **common)
         self._pending: list[tuple[dist.Work, torch.Tensor, list[torch.Tensor]]] = []
         self.last_events: list[Event] = []
         # The loss is counted once per pipeline: by tp rank 0 of whichever rank holds the
@@ -138,12 +159,25 @@ class PipelineTrainer:
     def _local(g: torch.Tensor) -> torch.Tensor:
         return g._local_tensor if isinstance(g, DTensor) else g
 
-    def _reduce_stage_async(self, stage: int) -> None:
+    def _unshard(self, stage: int) -> None:
+        if stage in self.zero:
+            self.zero[stage].unshard()
+
+    def _reshard(self, stage: int) -> None:
+        if stage in self.zero:
+            self.zero[stage].reshard()
+
+    def _reduce_stage(self, stage: int) -> None:
+        """REDUCE_GRAD: the stage's gradients are final; reduce them over data parallel while
+        the schedule goes on with other stages (asynchronously without ZeRO)."""
+        if stage in self.zero:
+            self.zero[stage].reduce_grads()
+            return
         if self.dp_size == 1:
             return
         grads = [self._local(q.grad) for q in self.stages[stage].parameters() if q.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        work = dist.all_reduce(flat, group=self.dp_group, async_op=True)
+        work = dist.all_reduce(flat, group=self.replica_group, async_op=True)
         self._pending.append((work, flat, grads))
 
     def _finish_reductions(self) -> None:
@@ -175,11 +209,13 @@ class PipelineTrainer:
                                          self.run.parallel.micro_batch_size)
         xs, ys = self._batches(mbs, self.train_windows)
         self.optimizer.zero_grad(set_to_none=True)
+        for z in self.zero.values():
+            z.begin_step()
         out = self.runtime.step(xs, ys)
         self.last_events = out.events
         self._finish_reductions()
         clip = self.run.trainer.grad_clip if self.run.trainer.grad_clip > 0 else math.inf
-        norm = clip_grad_norm_global_(self.params, clip, groups=[self.pp_group])
+        norm = clip_grad_norm_global_(self.params, clip, groups=self._norm_groups)
         loss = float(out.loss_sum) if self._counts_loss else 0.0
         stats = torch.tensor([loss, 0.0 if math.isfinite(float(norm)) else 1.0,
                               1.0 if stop_requested else 0.0], dtype=torch.float64)
@@ -190,11 +226,14 @@ class PipelineTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
+        for z in self.zero.values():
+            z.end_step()
         self.scheduler.step()
-        return StepResult(
+        self.last_result = StepResult(
             step=step, loss=float(stats[0]) / self.global_tokens, grad_norm=float(norm), lr=lr,
             tokens=self.global_tokens, step_time_s=time.perf_counter() - t0, skipped=skipped,
             stop=bool(stats[2] > 0), sample_ids=[int(i) for ids in mbs for i in ids])
+        return self.last_result
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -1,4 +1,4 @@
-"""One rank of a numeric-parity world: runs every case of its world size, saves gradients.
+"""One rank of a numeric-parity world: runs every case of its world size, saves the results.
 
 Started as a plain process by tests/test_parallel_parity.py (RANK, WORLD_SIZE,
 MASTER_PORT, CASES, OUT in the environment): one gloo world per world size
@@ -6,6 +6,7 @@ runs the whole matrix, so the suite pays the process start-up once, not per case
 """
 
 import json
+import math
 import os
 import sys
 from datetime import timedelta
@@ -20,6 +21,39 @@ from phalanx.data import open_tokens
 from phalanx.orchestrator.corpus import corpus_from_dict
 from phalanx.parallel.mesh import Layout
 from phalanx.parallel.pipeline_trainer import PipelineTrainer
+
+
+def model_state_bytes(trainer: PipelineTrainer) -> int:
+    """Resident parameter, gradient and optimizer-state bytes, over unique storages."""
+    seen: dict[int, int] = {}
+
+    def add(t):
+        if t is None:
+            return
+        t = t._local_tensor if isinstance(t, DTensor) else t
+        st = t.untyped_storage()
+        if st.nbytes():
+            seen[st.data_ptr()] = st.nbytes()
+
+    for m in trainer.stages.values():
+        for p in m.parameters():
+            add(p)
+            add(p.grad)
+    for z in trainer.zero.values():
+        for g, _ in z.groups:
+            for t in (g.shard, g.shard.grad, g.full, g.flat_grad):
+                add(t)
+    for state in trainer.optimizer.state.values():
+        for v in state.values():
+            if torch.is_tensor(v) and v.numel() > 1:
+                add(v)
+    return sum(seen.values())
+
+
+def stage_numel(trainer: PipelineTrainer) -> int:
+    if trainer.zero:
+        return sum(math.prod(s) for z in trainer.zero.values() for g, _ in z.groups for s in g.shapes)
+    return sum(p.numel() for m in trainer.stages.values() for p in m.parameters())
 
 
 def main() -> None:
@@ -37,16 +71,23 @@ def main() -> None:
         tokens = open_tokens(corpus_from_dict(case["corpus"]))
         trainer = PipelineTrainer(run, rank=rank, layout=layout, tokens=tokens,
                                   device=torch.device("cpu"))
-        res = trainer.train_step(0)
+        losses = [trainer.train_step(step).loss for step in range(case["steps"])]
+        res = trainer.last_result
+        state = model_state_bytes(trainer)
+        for z in trainer.zero.values():
+            z.unshard()  # stage 3 holds shards only; gather to compare whole parameters
         grads, params = {}, {}
         for m in trainer.stages.values():
             for name, p in m.named_parameters():
-                assert p.grad is not None, f"{case['name']} rank {rank}: no gradient for {name}"
-                g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
                 w = p.full_tensor() if isinstance(p, DTensor) else p
-                grads[name], params[name] = g.detach().clone(), w.detach().clone()
-        torch.save({"loss": res.loss, "grad_norm": res.grad_norm, "grads": grads,
-                    "params": params, "coords": layout.coords(rank),
+                params[name] = w.detach().clone()
+                if not trainer.zero:
+                    assert p.grad is not None, f"{case['name']} rank {rank}: no gradient for {name}"
+                    g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                    grads[name] = g.detach().clone()
+        torch.save({"losses": losses, "grad_norm": res.grad_norm, "grads": grads,
+                    "params": params, "coords": layout.coords(rank), "state_bytes": state,
+                    "numel": stage_numel(trainer),
                     "events": [e.__dict__ for e in trainer.last_events]},
                    out / f"{case['name']}.rank{rank}.pt")
         dist.barrier()

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -56,23 +56,16 @@ class PipelineRuntime:
                  pp_group: dist.ProcessGroup | None, activation: Callable[[int], tuple],
                  loss_fn: LossFn, loss_scale: float, device: torch.device,
                  autocast: Callable[[], contextlib.AbstractContextManager],
-                 on_stage_grads_ready: Callable[[int], None] | None = None) -> None:
+                 hooks: Mapping[str, Callable[[int], None]] | None = None) -> None:
         """`pp_ranks[r]` is the global rank of pipeline rank r in this rank's pipeline;
-        `activation(stage)` gives (shape, dtype) of the hidden states entering `stage`."""
+        `activation(stage)` gives (shape, dtype) of the hidden states entering `stage`;
+        `hooks` run the lowering's UNSHARD / RESHARD / REDUCE_GRAD actions for a stage (the
+        data-parallel reduction and ZeRO's gathers live with the trainer, not here)."""
         self.schedule, self.pp_rank, self.actions = schedule, pp_rank, list(actions)
         self.stages, self.pp_ranks, self.group = stages, list(pp_ranks), pp_group
         self.activation, self.loss_fn, self.loss_scale = activation, loss_fn, loss_scale
         self.device, self.autocast = device, autocast
-        self.on_stage_grads_ready = on_stage_grads_ready
-        # The index of each stage's last backward action: its gradients are final there,
-        # so the data-parallel reduction of that stage can start while others still compute.
-        self._last_bwd: dict[int, int] = {}
-        for i, a in enumerate(self.actions):
-            if a.kind in ("B", "W") or (a.kind == "I" and not self._has_w(a.stage)):
-                self._last_bwd[a.stage] = i
-
-    def _has_w(self, stage: int) -> bool:
-        return any(a.kind == "W" and a.stage == stage for a in self.actions)
+        self.hooks = dict(hooks or {})
 
     def _route_neighbours(self, stage: int, mb: int) -> tuple[int | None, int | None]:
         route = self.schedule.routes[mb]
@@ -119,7 +112,7 @@ class PipelineRuntime:
                                 start=start, end=time.perf_counter()))
             pending.clear()
 
-        for i, a in enumerate(self.actions):
+        for a in self.actions:
             if a.is_comm:
                 key = (a.stage, a.mb)
                 if a.kind == "SEND_F":
@@ -138,9 +131,14 @@ class PipelineRuntime:
                 pending.append((a, buf))
                 continue
             flush()
-            if not a.is_compute:
-                continue  # UNSHARD/RESHARD/REDUCE_GRAD: nothing to do without ZeRO
             start = time.perf_counter()
+            if not a.is_compute:
+                hook = self.hooks.get(a.kind)
+                if hook is not None:
+                    hook(a.stage)
+                    events.append(Event(rank=self.pp_rank, action=str(a), start=start,
+                                        end=time.perf_counter()))
+                continue
             key = (a.stage, a.mb)
             module = self.stages[a.stage]
             prev, nxt = self._route_neighbours(a.stage, a.mb)
@@ -188,8 +186,6 @@ class PipelineRuntime:
                     stage_backward_weight(module.parameters(), groups)
             events.append(Event(rank=self.pp_rank, action=str(a), start=start,
                                 end=time.perf_counter()))
-            if self.on_stage_grads_ready is not None and self._last_bwd.get(a.stage) == i:
-                self.on_stage_grads_ready(a.stage)
         flush()
         return StepOutput(loss_sum=loss_sum, events=events)
 
