@@ -242,3 +242,17 @@ def test_tensor_parallel_with_sequence_parallel_trains(tmp_path):
     summary = _ok(proc, run_dir)
     assert summary["layout"]["tp"] == 2 and summary["layout"]["dp_replicate"] == 1
     assert summary["final_loss"] < summary["initial_loss"]
+
+
+def test_zero3_run_matches_ddp_loss_curve(tmp_path, smoke_runs):
+    """`phalanx run` with ZeRO-3 over 2 ranks follows the DDP run's losses step by step."""
+    run_dir = tmp_path / "zero3"
+    proc = run_phalanx([*FAST, "parallel.dp_shard=2", "parallel.zero.stage=3",
+                        "parallel.recompute=full", "--run-dir", str(run_dir)])
+    summary = _ok(proc, run_dir)
+    assert summary["layout"]["dp_shard"] == 2 and summary["layout"]["dp_replicate"] == 1
+    zero = read_jsonl(run_dir / "metrics.jsonl")
+    ddp = read_jsonl(smoke_runs["a"] / "metrics.jsonl")
+    for x, y in zip(zero, ddp, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+    assert zero[-1]["val_loss"] == pytest.approx(ddp[-1]["val_loss"], rel=1e-5)
