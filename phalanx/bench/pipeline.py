@@ -200,7 +200,12 @@ def bench(case: Case, *, quick: bool, worlds: Sequence[int] = (2, 4),
     for world in worlds:
         t0 = time.monotonic()
         print(f"pipeline bench: {world} processes ...", file=sys.stderr, flush=True)
-        runs += measure(case, world=world, timeout=timeout)
+        load_before = os.getloadavg()[0]
+        recs = measure(case, world=world, timeout=timeout)
+        # Other work on the machine shows up in the step times; record how busy it was.
+        for r in recs:
+            r["load_avg_1m_before"], r["load_avg_1m_after"] = load_before, os.getloadavg()[0]
+        runs += recs
         print(f"pipeline bench: {world} processes done in {time.monotonic() - t0:.0f} s",
               file=sys.stderr, flush=True)
     for r in runs:
@@ -478,6 +483,10 @@ def _run_variant(case: Case, phalanx_name: str, torch_cls: str, vpp: int, *, ran
                         "bubble_simulated": sim.bubble_fraction,
                         "simulated_step_s": sim.makespan})
         out.append(rec)
+    # Steps run in torch/phalanx pairs: the median of the per-pair ratios is less exposed to
+    # drift than the ratio of medians (the figure), so it is kept alongside.
+    t_steps, p_steps = out[0]["step_s"], out[1]["step_s"]
+    out[1]["speedup_vs_torch_paired_median"] = _median([t / p for t, p in zip(t_steps, p_steps, strict=True)])
     return out
 
 
