@@ -29,6 +29,8 @@ from typing import Any
 BENCHES: dict[str, tuple[str, str]] = {
     "pipeline": ("phalanx.bench.pipeline",
                  "phalanx's PipelineRuntime vs torch.distributed.pipelining (1F1B, interleaved 1F1B)"),
+    "memory": ("phalanx.bench.memory",
+               "ZeRO 0-3 model-state bytes and peak RSS per rank vs the formulas; ZeRO-1/2 vs DDP speed"),
 }
 
 
