@@ -38,9 +38,11 @@ BASE = ["data=synthetic", "data.synthetic_tokens=60000", "trainer.seq_len=16",
 # name: (world, overrides[, steps])
 ZERO = ["parallel.dp_shard=2", "parallel.zero.stage"]
 CASES = {
-    "zero1_dp2": (2, [ZERO[0], f"{ZERO[1]}=1"], 3),
-    "zero2_dp2": (2, [ZERO[0], f"{ZERO[1]}=2"], 3),
+    "zero1_dp4": (4, ["parallel.dp_shard=4", f"{ZERO[1]}=1"], 3),
+    "zero2_dp4": (4, ["parallel.dp_shard=4", f"{ZERO[1]}=2"], 3),
+    "zero3_dp4": (4, ["parallel.dp_shard=4", f"{ZERO[1]}=3"], 3),
     "zero3_dp2": (2, [ZERO[0], f"{ZERO[1]}=3"], 3),
+    "zero1_pp2_dp2": (4, [ZERO[0], f"{ZERO[1]}=1", "parallel.pp=2"], 3),
     "zero3_pp2_dp2": (4, [ZERO[0], f"{ZERO[1]}=3", "parallel.pp=2"], 3),
     "zero2_pp2_dp2_zb": (4, [ZERO[0], f"{ZERO[1]}=2", "parallel.pp=2", "parallel.schedule=zb_h1"], 3),
     "zero1_hsdp_2x2": (4, [ZERO[0], f"{ZERO[1]}=1", "parallel.dp_replicate=2"], 3),
