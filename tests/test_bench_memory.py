@@ -4,7 +4,7 @@ import pytest
 
 from phalanx.bench import result_doc
 from phalanx.bench.memory import _variant, figures_from
-from phalanx.bench.world import run_world
+from phalanx.launch.world import run_world
 
 pytestmark = pytest.mark.e2e
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from phalanx.bench import result_doc
-from phalanx.bench.world import pin, run_world, usable_cores
+from phalanx.launch.world import pin, run_world, usable_cores
 
 MB = 1 << 20
 MODELS = {

@@ -1,4 +1,4 @@
-"""Start a world of benchmark ranks as fresh processes, wait with a deadline, clean up.
+"""Start a world of ranks (benchmarks, calibration probes) as fresh processes, wait with a deadline, clean up.
 
 A rank is `python -m MODULE --worker SPEC` with torchrun's environment; rank 0
 writes the JSON result to `spec["out"]`. A rank that fails or a world still
