@@ -8,8 +8,10 @@ where we follow each micro-batch's route, and it owns the DP reduction, where
 we overlap it with the remaining actions and abandon it on a new generation.
 
 Contract with lowering (checked by the simulator before anything runs):
-- a maximal run of consecutive communication actions is one batch, issued
-  with `batch_isend_irecv` and waited on as a whole;
+- a maximal run of consecutive communication actions is one batch, posted
+  with `batch_isend_irecv` where it stands; a receive is waited on by the
+  compute that consumes it and sends at the end of the step (never earlier
+  than the simulator's rendezvous model, so its deadlock check still holds);
 - `RECV_F s k` receives stage s's input for micro-batch k from the stage
   before s in k's route; `SEND_F s k` sends stage s's output to the next one;
   `RECV_B s k` receives the gradient of stage s's output, `SEND_B s k` sends
@@ -82,17 +84,24 @@ class PipelineRuntime:
         w_state: dict[tuple[int, int], tuple] = {}
         loss_sum = torch.zeros((), dtype=torch.float64)
         events: list[Event] = []
-        pending: list[tuple[Action, object]] = []  # (action, tensor or recv buffer)
+        pending: list[tuple[Action, torch.Tensor]] = []  # this batch: (action, send/recv buffer)
+
+        recvs: dict[tuple[str, int, int], tuple[dist.Work, torch.Tensor]] = {}
+        sends: list[tuple[dist.Work, torch.Tensor]] = []
 
         def flush() -> None:
+            # Post the batch where the lowering put it, but block only where its data is used:
+            # a receive at the compute that consumes it, sends at the end of the step (torch's
+            # runtime does the same). Posting no later and waiting no earlier than the simulator
+            # keeps every deadlock-free list deadlock-free, and a compute that does not need a
+            # batch's receives no longer waits for them.
             if not pending:
                 return
-            ops, recvs = [], []
-            start = time.perf_counter()
+            ops = []
             for a, buf in pending:
+                prev, nxt = self._route_neighbours(a.stage, a.mb)
                 if a.kind.startswith("SEND"):
                     direction = 0 if a.kind == "SEND_F" else 1
-                    prev, nxt = self._route_neighbours(a.stage, a.mb)
                     to_stage = nxt if direction == 0 else prev
                     ops.append(dist.P2POp(dist.isend, buf, self.pp_ranks[peer(self.schedule, a)],
                                           self.group, _tag(direction, to_stage, a.mb, n_stages)))
@@ -100,17 +109,25 @@ class PipelineRuntime:
                     direction = 0 if a.kind == "RECV_F" else 1
                     ops.append(dist.P2POp(dist.irecv, buf, self.pp_ranks[peer(self.schedule, a)],
                                           self.group, _tag(direction, a.stage, a.mb, n_stages)))
-                    recvs.append((a, buf))
-            for w in dist.batch_isend_irecv(ops):
-                w.wait()
-            for a, buf in recvs:
-                if a.kind == "RECV_F":
-                    fwd_in[(a.stage, a.mb)] = buf.requires_grad_(True)
+            for (a, buf), work in zip(pending, dist.batch_isend_irecv(ops), strict=True):
+                if a.kind.startswith("SEND"):
+                    sends.append((work, buf))
                 else:
-                    grad_out[(a.stage, a.mb)] = buf
-            events.append(Event(rank=self.pp_rank, action="+".join(str(a) for a, _ in pending),
-                                start=start, end=time.perf_counter()))
+                    recvs[(a.kind, a.stage, a.mb)] = (work, buf)
             pending.clear()
+
+        def need(kind: str, stage: int, mb: int) -> None:
+            item = recvs.pop((kind, stage, mb), None)
+            if item is None:
+                return
+            start = time.perf_counter()
+            item[0].wait()
+            events.append(Event(rank=self.pp_rank, action=f"{stage}{kind}{mb}", start=start,
+                                end=time.perf_counter()))
+            if kind == "RECV_F":
+                fwd_in[(stage, mb)] = item[1].requires_grad_(True)
+            else:
+                grad_out[(stage, mb)] = item[1]
 
         for a in self.actions:
             if a.is_comm:
@@ -131,6 +148,8 @@ class PipelineRuntime:
                 pending.append((a, buf))
                 continue
             flush()
+            if a.is_compute:
+                need("RECV_F" if a.kind == "F" else "RECV_B", a.stage, a.mb)
             start = time.perf_counter()
             if not a.is_compute:
                 hook = self.hooks.get(a.kind)
@@ -187,6 +206,12 @@ class PipelineRuntime:
             events.append(Event(rank=self.pp_rank, action=str(a), start=start,
                                 end=time.perf_counter()))
         flush()
+        assert not recvs, f"received but never used: {sorted(recvs)}"
+        start = time.perf_counter()
+        for work, _ in sends:
+            work.wait()
+        events.append(Event(rank=self.pp_rank, action="SEND_WAIT", start=start,
+                            end=time.perf_counter()))
         return StepOutput(loss_sum=loss_sum, events=events)
 
     def _local_or_received_grad(self, grad_out: dict, grad_in: dict, nxt: int,
