@@ -14,6 +14,7 @@ place: its recipe YAML under `phalanx/recipes/`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,6 +190,12 @@ VIRTUAL_SCHEDULES = ("interleaved_1f1b",)
 _DATA_SOURCES = ("stdlib", "synthetic", "files")
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _require(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -233,14 +240,43 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _require(z.stage in (0, 1, 2, 3), f"parallel.zero.stage={z.stage}: choose 0, 1, 2 or 3.")
     _require(z.backend in ("torch", "deepspeed"),
              f"parallel.zero.backend={z.backend!r}: choose torch or deepspeed.")
-    _require(z.backend == "torch", "parallel.zero.backend=deepspeed is not available in this "
-             "build yet; use parallel.zero.backend=torch.")
-    _require(not z.offload, "parallel.zero.offload=true needs DeepSpeed's CPU Adam, which is not "
-             "available in this build yet; use parallel.zero.offload=false.")
+    if z.backend == "deepspeed":
+        # DeepSpeed owns its process groups and checkpoint format: plain data parallelism only.
+        _require(p.pp == 1 and p.tp == 1,
+                 f"parallel.zero.backend=deepspeed with parallel.pp={p.pp}, parallel.tp={p.tp}: "
+                 "pipeline/TP layouts use the torch backend (parallel.zero.backend=torch); "
+                 "DeepSpeed runs plain data-parallel layouts and is non-elastic.")
+        _require(p.dp_shard == 1,
+                 f"parallel.dp_shard={p.dp_shard} with parallel.zero.backend=deepspeed: DeepSpeed "
+                 "shards over all data-parallel ranks; set parallel.dp_shard=1 and size the group "
+                 "with parallel.dp (or use parallel.zero.backend=torch for HSDP).")
+        _require(z.stage > 0, "parallel.zero.backend=deepspeed with parallel.zero.stage=0 is plain "
+                 "data parallelism: use parallel.zero.backend=torch (DDP), or set "
+                 "parallel.zero.stage=1, 2 or 3.")
+        _require(importlib.util.find_spec("deepspeed") is not None,
+                 "parallel.zero.backend=deepspeed needs DeepSpeed: pip install 'phalanx[deepspeed]' "
+                 "(or use parallel.zero.backend=torch).")
+    _require(not z.offload or z.backend == "deepspeed",
+             "parallel.zero.offload=true (optimizer state and step on the CPU, DeepSpeed's CPU "
+             "Adam) needs parallel.zero.backend=deepspeed.")
+    if z.deepspeed_config is not None:
+        _require(z.backend == "deepspeed", "parallel.zero.deepspeed_config is read by the DeepSpeed "
+                 "backend only: set parallel.zero.backend=deepspeed (or drop the file).")
+        path = os.path.abspath(os.path.expanduser(z.deepspeed_config))
+        _require(os.path.isfile(path), f"parallel.zero.deepspeed_config={z.deepspeed_config} does "
+                 "not exist; point it at a DeepSpeed JSON config (or its zero_optimization block).")
+        from phalanx.parallel.deepspeed_backend import load_user_zero_block
+
+        try:
+            load_user_zero_block(path, stage=z.stage, offload=z.offload)
+        except ValueError as e:
+            raise ConfigError(f"parallel.zero.deepspeed_config: {e}") from None
+        z.deepspeed_config = path  # workers may start in another directory
     _require(p.dp_shard == 1 or z.stage > 0,
              f"parallel.dp_shard={p.dp_shard} shards model state with ZeRO: set "
              "parallel.zero.stage=1, 2 or 3 (or parallel.dp_shard=1 for plain replicas).")
-    _require(z.stage == 0 or p.dp_shard > 1,
+    # The torch backend shards within dp_shard; DeepSpeed shards over the whole dp group.
+    _require(z.stage == 0 or p.dp_shard > 1 or z.backend != "torch",
              f"parallel.zero.stage={z.stage} shards within parallel.dp_shard, which is 1: set "
              "parallel.dp_shard to the number of ranks to shard over.")
     _require(z.stage == 0 or p.tp == 1,
@@ -322,6 +358,9 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     for key in ("param", "compute", "reduce"):
         _require(getattr(pr, key) in _DTYPES,
                  f"precision.{key}={getattr(pr, key)!r}: choose one of {', '.join(_DTYPES)}.")
+    _require(pr.reduce == "fp32" or z.backend == "deepspeed" or _has_cuda(),
+             "precision.reduce=bf16 compresses gradients with torch's bf16 hook, which needs "
+             "CUDA/NCCL; on CPU use precision.reduce=fp32 (or parallel.zero.backend=deepspeed).")
     _require(pr.param == "fp32", "precision.param=bf16 needs fp32 master weights, which are not "
              "available yet; use precision.param=fp32 with precision.compute=bf16.")
     _require(run.logging.console in ("auto", "rich", "plain", "none"),

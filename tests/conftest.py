@@ -9,6 +9,9 @@ import pytest
 # Corpora are cached per test session, never in the user's home.
 _CACHE = Path(os.environ.get("PHALANX_TEST_CACHE", "/tmp/phalanx-test-cache"))
 os.environ.setdefault("PHALANX_CACHE", str(_CACHE))
+# DeepSpeed's JIT-built ops outlive a test session (minutes to build on 2 cores).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                      str(Path("~/.cache/phalanx/torch_extensions").expanduser()))
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,8 @@ def test_launcher_flags_become_recipe_keys():
     (["parallel.zero.stage=4"], "parallel.zero.stage=4: choose 0, 1, 2 or 3"),
     (["parallel.zero.stage=1", "parallel.dp_shard=2", "parallel.tp=2", "--nproc-per-node", "4"],
      "ZeRO over tensor-parallel shards is not available"),
+    (["precision.reduce=bf16"], "precision.reduce=bf16 compresses gradients with torch's bf16 "
+                                "hook, which needs CUDA/NCCL"),
     (["parallel.recompute=some"], "parallel.recompute='some': choose none, selective or full"),
     (["--nproc-per-node", "4", "parallel.pp=3"], "the world of 4 workers is not divisible by "
                                                  "tp*pp*dp_shard=3"),

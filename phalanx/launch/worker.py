@@ -113,7 +113,11 @@ def main() -> int:
                             timeout=timedelta(seconds=run.fault.collective_timeout_s))
     tokens = open_tokens(corpus_from_dict(plan.corpus))
     lay = plan.layout
-    if plan.schedule is None:
+    if run.parallel.zero.backend == "deepspeed":
+        from phalanx.parallel.deepspeed_backend import DeepSpeedTrainer
+
+        trainer = DeepSpeedTrainer(run, rank=rank, layout=lay, tokens=tokens, device=device)
+    elif plan.schedule is None:
         trainer = DataParallelTrainer(run, rank=rank, layout=lay, tokens=tokens, device=device)
     else:
         from phalanx.parallel.pipeline.schedules import Schedule

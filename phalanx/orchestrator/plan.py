@@ -63,7 +63,8 @@ def plan_single_node(run: RunConfig, *, generation: int, backend: str, cores: in
     n = run.cluster.devices_per_node
     threads = run.cluster.threads_per_worker or max(1, cores // n)
     schedule = None
-    if p.pp > 1 or p.tp > 1 or p.zero.stage > 0:
+    # DeepSpeed's ZeRO (pp=1, tp=1) runs its own engine, not the pipeline runtime.
+    if p.pp > 1 or p.tp > 1 or (p.zero.stage > 0 and p.zero.backend == "torch"):
         schedule = build_schedule(p.schedule, pp=p.pp, vpp=p.vpp,
                                   n_microbatches=run.grad_accum).to_dict()
     return Plan(

@@ -9,6 +9,7 @@ the same whatever the world size and accumulation (DESIGN.md invariant 5).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from phalanx.parallel.optim import build_adamw, build_scheduler
 from phalanx.parallel.recompute import apply_recompute
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_DDP_ARGS = inspect.signature(DDP.__init__).parameters
 
 
 @dataclass
@@ -77,8 +79,10 @@ class DataParallelTrainer:
         device_ids = [device.index] if device.type == "cuda" else None
         # Buffers (rotary tables) are deterministic, so broadcasting them every forward is waste.
         # Gradients as views of DDP's buckets: one copy of the gradients, not two (16Ψ, not 20Ψ).
-        self.ddp = DDP(model, device_ids=device_ids, process_group=group, forward_sync_buffers=False,
-                       gradient_as_bucket_view=True)
+        sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS
+                else {"broadcast_buffers": False})  # torch < 2.13 knows only the old name
+        self.ddp = DDP(model, device_ids=device_ids, process_group=group,
+                       gradient_as_bucket_view=True, **sync)
         if run.precision.reduce == "bf16":
             self.ddp.register_comm_hook(group, default_hooks.bf16_compress_hook)
         self.optimizer = build_adamw(model, run.optim)
