@@ -357,7 +357,7 @@ def _rank_main() -> None:
     from phalanx.config import RunConfig
     from phalanx.data import open_tokens
     from phalanx.orchestrator.corpus import corpus_from_dict
-    from phalanx.parallel.deepspeed_backend import DeepSpeedTrainer
+    from phalanx.parallel.deepspeed_trainer import DeepSpeedTrainer
     from phalanx.parallel.mesh import Layout
 
     torch.set_num_threads(1)

@@ -114,7 +114,7 @@ def main() -> int:
     tokens = open_tokens(corpus_from_dict(plan.corpus))
     lay = plan.layout
     if run.parallel.zero.backend == "deepspeed":
-        from phalanx.parallel.deepspeed_backend import DeepSpeedTrainer
+        from phalanx.parallel.deepspeed_trainer import DeepSpeedTrainer
 
         trainer = DeepSpeedTrainer(run, rank=rank, layout=lay, tokens=tokens, device=device)
     elif plan.schedule is None:

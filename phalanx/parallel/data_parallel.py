@@ -12,7 +12,6 @@ import contextlib
 import inspect
 import math
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -22,27 +21,15 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from phalanx.config import RunConfig
-from phalanx.data import GlobalBatchSampler, TokenWindows, train_val_split
 from phalanx.models import LlamaConfig, LlamaForCausalLM
 from phalanx.parallel.mesh import Layout
 from phalanx.parallel.optim import build_adamw, build_scheduler
 from phalanx.parallel.recompute import apply_recompute
+from phalanx.parallel.trainer_base import StepResult, TrainerBase, seed_everything
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+__all__ = ["DataParallelTrainer", "StepResult", "model_config", "seed_everything"]
+
 _DDP_ARGS = inspect.signature(DDP.__init__).parameters
-
-
-@dataclass
-class StepResult:
-    step: int
-    loss: float
-    grad_norm: float
-    lr: float
-    tokens: int
-    step_time_s: float
-    skipped: bool
-    stop: bool
-    sample_ids: list[int] = field(default_factory=list)
 
 
 def model_config(run: RunConfig) -> LlamaConfig:
@@ -56,14 +43,7 @@ def model_config(run: RunConfig) -> LlamaConfig:
         init_std=m.init_std)
 
 
-def seed_everything(seed: int, rank: int) -> None:
-    # Per-rank streams (dropout, sampling) differ by rank; model init uses `seed` alone
-    # so every replica starts identical without relying on DDP's broadcast.
-    torch.manual_seed(seed * 1_000_003 + rank)
-    np.random.seed((seed * 1_000_003 + rank) % 2**32)
-
-
-class DataParallelTrainer:
+class DataParallelTrainer(TrainerBase):
     def __init__(self, run: RunConfig, *, rank: int, layout: Layout, tokens: np.ndarray,
                  device: torch.device, group: dist.ProcessGroup | None = None) -> None:
         self.run, self.rank, self.layout, self.device = run, rank, layout, device
@@ -87,29 +67,13 @@ class DataParallelTrainer:
             self.ddp.register_comm_hook(group, default_hooks.bf16_compress_hook)
         self.optimizer = build_adamw(model, run.optim)
         self.scheduler = build_scheduler(self.optimizer, run.optim, t.steps)
-        (tr0, tr1), (va0, va1) = train_val_split(len(tokens), run.data.val_fraction, t.seq_len)
-        self.train_windows = TokenWindows(tokens, t.seq_len, start=tr0, stop=tr1)
-        self.val_windows = TokenWindows(tokens, t.seq_len, start=va0, stop=va1)
-        self.sampler = GlobalBatchSampler(len(self.train_windows), t.global_batch, t.seed)
-        self.global_tokens = t.global_batch * t.seq_len
-        self.compute_dtype = _DTYPES[run.precision.compute]
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.compute_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+        self._setup_data(run, tokens)
 
     def _loss_sum(self, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             logits = module(x)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
                                reduction="sum")
-
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        # NCCL reduces device tensors only; gloo takes them where they are.
-        t = t.to(self.device)
-        dist.all_reduce(t, group=self.group)
-        return t.cpu()
 
     def train_step(self, step: int, *, stop_requested: bool = False) -> StepResult:
         """One optimizer step. All ranks return the same loss, norm, skip and stop decision."""
@@ -130,12 +94,8 @@ class DataParallelTrainer:
             loss_acc += loss_sum.detach().double().cpu()
         clip = self.run.trainer.grad_clip if self.run.trainer.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        # One small all-reduce carries the loss, whether any rank saw a non-finite gradient,
-        # and whether any rank was asked to stop: every rank then takes the same decision.
-        stats = torch.tensor([loss_acc.item(), 0.0 if torch.isfinite(grad_norm) else 1.0,
-                              1.0 if stop_requested else 0.0], dtype=torch.float64)
-        stats = self._all_reduce(stats)
-        skipped = bool(stats[1] > 0)
+        loss, skipped, stop = self._agree(loss_acc.item(), bool(torch.isfinite(grad_norm)),
+                                          stop_requested, self.group)
         lr = self.optimizer.param_groups[0]["lr"]
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -145,9 +105,8 @@ class DataParallelTrainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return StepResult(
-            step=step, loss=float(stats[0]) / self.global_tokens, grad_norm=float(grad_norm),
-            lr=lr, tokens=self.global_tokens, step_time_s=time.perf_counter() - t0,
-            skipped=skipped, stop=bool(stats[2] > 0),
+            step=step, loss=loss, grad_norm=float(grad_norm), lr=lr, tokens=self.global_tokens,
+            step_time_s=time.perf_counter() - t0, skipped=skipped, stop=stop,
             sample_ids=[int(i) for ids in mbs for i in ids])
 
     @torch.no_grad()
@@ -163,5 +122,5 @@ class DataParallelTrainer:
             total[0] += self._loss_sum(self.model, x.to(self.device), y.to(self.device)).double().cpu()
             total[1] += y.numel()
         self.model.train()
-        total = self._all_reduce(total)
+        total = self._all_reduce(total, self.group)
         return float(total[0] / total[1])

@@ -39,22 +39,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from phalanx.config import RunConfig
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
-    from phalanx.parallel.data_parallel import StepResult
-    from phalanx.parallel.mesh import Layout
 
 log = logging.getLogger(__name__)
 
@@ -321,155 +316,6 @@ def prebuild_ops(names: tuple[str, ...] = JIT_OPS) -> dict[str, float]:
         _load_op(name)
         out[name] = round(time.perf_counter() - t0, 2)
     return out
-
-
-# --- the trainer ---------------------------------------------------------------------------
-
-class DeepSpeedTrainer:
-    """`DataParallelTrainer`'s interface on a DeepSpeed engine (ZeRO stage 1-3, offload)."""
-
-    def __init__(self, run: RunConfig, *, rank: int, layout: Layout, tokens: np.ndarray,
-                 device: torch.device) -> None:
-        if layout.pp != 1 or layout.tp != 1 or layout.dp_shard != 1:
-            raise ValueError(f"the DeepSpeed backend runs plain data-parallel layouts; got {layout}")
-        _select_accelerator(device.type)
-        import deepspeed
-        import torch.distributed as dist
-
-        from phalanx.data import GlobalBatchSampler, TokenWindows, train_val_split
-        from phalanx.models import LlamaForCausalLM
-        from phalanx.parallel.data_parallel import _DTYPES, model_config, seed_everything
-        from phalanx.parallel.optim import build_adamw, build_scheduler
-        from phalanx.parallel.recompute import apply_recompute
-
-        self.run, self.rank, self.layout, self.device = run, rank, layout, device
-        self.dp_rank, self.dp_size = layout.dp_rank(rank), layout.dp
-        t, o, z = run.trainer, run.optim, run.parallel.zero
-        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
-            # DeepSpeed prints its whole config and per-op notes at INFO on every rank.
-            logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        # DeepSpeed calls collectives that torch 2.13 deprecates: not actionable by a user.
-        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\."
-                                r"(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
-        # The worker's default process group is already up: DeepSpeed adopts it (its
-        # TorchBackend skips init_process_group when torch.distributed is initialized).
-        deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
-        assert deepspeed.comm.get_world_size() == dist.get_world_size() == self.dp_size
-
-        seed_everything(t.seed, rank)
-        model = LlamaForCausalLM(model_config(run))
-        model.init_weights(t.seed)
-        model.to(device)
-        apply_recompute(model, run.parallel.recompute)
-        self.model = model
-        if z.offload:
-            load_cpu_adam()
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(optimizer_param_groups(model, o.weight_decay), lr=o.lr,
-                                         betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
-        else:
-            optimizer = build_adamw(model, o)
-        scheduler = build_scheduler(optimizer, o, t.steps)
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.ds_config = deepspeed_config(run, dp_size=self.dp_size)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
-            dist_init_required=False)
-        (tr0, tr1), (va0, va1) = train_val_split(len(tokens), run.data.val_fraction, t.seq_len)
-        self.train_windows = TokenWindows(tokens, t.seq_len, start=tr0, stop=tr1)
-        self.val_windows = TokenWindows(tokens, t.seq_len, start=va0, stop=va1)
-        self.sampler = GlobalBatchSampler(len(self.train_windows), t.global_batch, t.seed)
-        self.global_tokens = t.global_batch * t.seq_len
-        self.compute_dtype = _DTYPES[run.precision.compute]
-
-    def _loss_sum(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        logits = self.engine(x)  # the engine autocasts when the config's torch_autocast says so
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1),
-                               reduction="sum")
-
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        t = t.to(self.device)
-        dist.all_reduce(t)
-        return t.cpu()
-
-    def train_step(self, step: int, *, stop_requested: bool = False) -> StepResult:
-        """One optimizer step. All ranks return the same loss, norm, skip and stop decision."""
-        import torch
-
-        from phalanx.parallel.data_parallel import StepResult
-
-        t0 = time.perf_counter()
-        mbs = self.sampler.micro_batches(step, self.dp_rank, self.dp_size,
-                                         self.run.parallel.micro_batch_size)
-        # See the module docstring: DeepSpeed averages over dp, and we skip its 1/gas.
-        scale = self.dp_size / self.global_tokens
-        loss_acc = torch.zeros((), dtype=torch.float64)
-        for i, ids in enumerate(mbs):
-            x, y = self.train_windows.batch(ids)
-            # Set explicitly rather than counted by the engine: the last micro-batch reduces
-            # (and steps), whatever happened on earlier steps.
-            self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
-            loss_sum = self._loss_sum(x.to(self.device), y.to(self.device))
-            self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
-            loss_acc += loss_sum.detach().double().cpu()
-        # One small all-reduce, before the optimizer step, carries the loss, whether any rank's
-        # loss is non-finite, and whether any rank was asked to stop.
-        stats = torch.tensor([loss_acc.item(), 0.0 if torch.isfinite(loss_acc) else 1.0,
-                              1.0 if stop_requested else 0.0], dtype=torch.float64)
-        stats = self._all_reduce(stats)
-        lr = self.optimizer.param_groups[0]["lr"]
-        # DeepSpeed's step computes the global gradient norm (all-reduced over the dp group, so
-        # the same on every rank), clips to trainer.grad_clip, and skips the update -- dropping
-        # the reduced gradients -- when the norm is not finite. A non-finite loss anywhere makes
-        # the summed gradient non-finite everywhere, so every rank skips together.
-        self.engine.step()
-        skipped = not self.engine.was_step_applied()
-        if stats[1] > 0 and not skipped:
-            raise RuntimeError(f"step {step}: a rank's loss is not finite but DeepSpeed applied "
-                               "the update; replicas may now disagree")
-        if skipped:
-            # DeepSpeed advances the LR schedule only on applied steps; the native trainer
-            # advances it on every step, so the schedule stays a function of the step.
-            self.scheduler.step()
-        norm = self.engine.get_global_grad_norm()
-        grad_norm = float(norm) if norm is not None else math.nan
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return StepResult(
-            step=step, loss=float(stats[0]) / self.global_tokens, grad_norm=grad_norm, lr=lr,
-            tokens=self.global_tokens, step_time_s=time.perf_counter() - t0, skipped=skipped,
-            stop=bool(stats[2] > 0), sample_ids=[int(i) for ids in mbs for i in ids])
-
-    def evaluate(self) -> float:
-        """Mean next-token loss (nats) over the held-out validation windows, across ranks."""
-        import numpy as np
-        import torch
-
-        t = self.run.trainer
-        n = min(len(self.val_windows), t.eval_batches * t.global_batch)
-        mine = np.array_split(np.arange(n), self.dp_size)[self.dp_rank]
-        mbs = self.run.parallel.micro_batch_size
-        # Every rank runs the same number of forwards: under ZeRO-3 each forward gathers
-        # parameters collectively. A rank whose share ran out repeats a window, uncounted.
-        rounds = math.ceil(math.ceil(n / self.dp_size) / mbs)
-        total = torch.zeros(2, dtype=torch.float64)
-        self.engine.eval()
-        with torch.no_grad():
-            for i in range(rounds):
-                ids = mine[i * mbs:(i + 1) * mbs]
-                x, y = self.val_windows.batch(ids if len(ids) else np.arange(min(mbs, n)))
-                loss = self._loss_sum(x.to(self.device), y.to(self.device))
-                if len(ids):
-                    total[0] += loss.double().cpu()
-                    total[1] += y.numel()
-        self.engine.train()
-        total = self._all_reduce(total)
-        return float(total[0] / total[1])
 
 
 if __name__ == "__main__":

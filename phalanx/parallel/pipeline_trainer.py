@@ -9,7 +9,6 @@ data-parallel trainer's: token-summed loss / global token count, dp SUM.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 
@@ -21,9 +20,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor
 
 from phalanx.config import RunConfig
-from phalanx.data import GlobalBatchSampler, TokenWindows, train_val_split
+from phalanx.data import TokenWindows
 from phalanx.models import LlamaForCausalLM
-from phalanx.parallel.data_parallel import StepResult, model_config, seed_everything
+from phalanx.parallel.data_parallel import model_config
 from phalanx.parallel.mesh import AXES, Layout
 from phalanx.parallel.optim import adamw, build_adamw, build_scheduler
 from phalanx.parallel.pipeline.actions import Action
@@ -33,9 +32,8 @@ from phalanx.parallel.pipeline.schedules import Schedule, build_schedule
 from phalanx.parallel.pipeline.simulator import Event, simulate
 from phalanx.parallel.recompute import apply_recompute
 from phalanx.parallel.tensor import apply_tensor_parallel, clip_grad_norm_global_, tp_loss_sum
+from phalanx.parallel.trainer_base import StepResult, TrainerBase, seed_everything
 from phalanx.parallel.zero import ZeroStage
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build_mesh(layout: Layout, device: torch.device) -> DeviceMesh:
@@ -67,7 +65,7 @@ def forward_only_actions(schedule: Schedule, pp_rank: int) -> list[Action]:
     return out + [Action(s, "RESHARD") for s in mine]
 
 
-class PipelineTrainer:
+class PipelineTrainer(TrainerBase):
     def __init__(self, run: RunConfig, *, rank: int, layout: Layout, tokens: np.ndarray,
                  device: torch.device, mesh: DeviceMesh | None = None,
                  schedule: Schedule | None = None) -> None:
@@ -118,12 +116,7 @@ class PipelineTrainer:
             self.optimizer = build_adamw(nn.ModuleList(list(self.stages.values())), run.optim)
             self._norm_groups = [self.pp_group]
         self.scheduler = build_scheduler(self.optimizer, run.optim, t.steps)
-        (tr0, tr1), (va0, va1) = train_val_split(len(tokens), run.data.val_fraction, t.seq_len)
-        self.train_windows = TokenWindows(tokens, t.seq_len, start=tr0, stop=tr1)
-        self.val_windows = TokenWindows(tokens, t.seq_len, start=va0, stop=va1)
-        self.sampler = GlobalBatchSampler(len(self.train_windows), t.global_batch, t.seed)
-        self.global_tokens = t.global_batch * t.seq_len
-        self.compute_dtype = _DTYPES[run.precision.compute]
+        self._setup_data(run, tokens)
         pp_ranks = torch.distributed.get_process_group_ranks(self.pp_group)
         seq = t.seq_len // p.tp if p.sp else t.seq_len
         shape = (p.micro_batch_size, seq, cfg.hidden_size)
@@ -149,11 +142,6 @@ class PipelineTrainer:
     def _mesh_world_group(self) -> dist.ProcessGroup:
         ranks = sorted(int(r) for r in self.mesh.mesh.flatten())
         return dist.new_group(ranks)
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.compute_dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     @staticmethod
     def _local(g: torch.Tensor) -> torch.Tensor:
@@ -198,11 +186,6 @@ class PipelineTrainer:
             ys.append(y)
         return xs, ys
 
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.to(self.device)
-        dist.all_reduce(t, group=self.world_group)
-        return t.cpu()
-
     def train_step(self, step: int, *, stop_requested: bool = False) -> StepResult:
         t0 = time.perf_counter()
         mbs = self.sampler.micro_batches(step, self.dp_rank, self.dp_size,
@@ -216,11 +199,9 @@ class PipelineTrainer:
         self._finish_reductions()
         clip = self.run.trainer.grad_clip if self.run.trainer.grad_clip > 0 else math.inf
         norm = clip_grad_norm_global_(self.params, clip, groups=self._norm_groups)
-        loss = float(out.loss_sum) if self._counts_loss else 0.0
-        stats = torch.tensor([loss, 0.0 if math.isfinite(float(norm)) else 1.0,
-                              1.0 if stop_requested else 0.0], dtype=torch.float64)
-        stats = self._all_reduce(stats)
-        skipped = bool(stats[1] > 0)
+        loss, skipped, stop = self._agree(float(out.loss_sum) if self._counts_loss else 0.0,
+                                          math.isfinite(float(norm)), stop_requested,
+                                          self.world_group)
         lr = self.optimizer.param_groups[0]["lr"]
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -230,9 +211,9 @@ class PipelineTrainer:
             z.end_step()
         self.scheduler.step()
         self.last_result = StepResult(
-            step=step, loss=float(stats[0]) / self.global_tokens, grad_norm=float(norm), lr=lr,
-            tokens=self.global_tokens, step_time_s=time.perf_counter() - t0, skipped=skipped,
-            stop=bool(stats[2] > 0), sample_ids=[int(i) for ids in mbs for i in ids])
+            step=step, loss=loss, grad_norm=float(norm), lr=lr, tokens=self.global_tokens,
+            step_time_s=time.perf_counter() - t0, skipped=skipped, stop=stop,
+            sample_ids=[int(i) for ids in mbs for i in ids])
         return self.last_result
 
     @torch.no_grad()
@@ -255,7 +236,7 @@ class PipelineTrainer:
             if self._counts_loss:
                 total[0] += out.loss_sum
             total[1] += per_pipeline * t.seq_len
-        total = self._all_reduce(total)
+        total = self._all_reduce(total, self.world_group)
         # Every rank added the token count; one pipeline's worth of ranks per replica matters.
         ranks_per_replica = self.layout.pp * self.layout.tp
         return float(total[0] / (total[1] / ranks_per_replica))
