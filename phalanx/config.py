@@ -121,12 +121,30 @@ class LoggingConfig:
 
 
 @dataclass
+class LinkConfig:
+    # None: measured by `phalanx calibrate` (this machine) -- presets cite their figures.
+    alpha_us: float | None = None  # latency per message
+    bandwidth_gbps: float | None = None  # GB/s per device, one direction
+
+
+@dataclass
 class ClusterConfig:
     name: str = MISSING
     nodes: int = 1
     devices_per_node: int = MISSING
     # None: the node's cores divided among its workers (at least 1)
     threads_per_worker: int | None = None
+    device: str = "cpu"  # cpu | cuda
+    # CPU nodes: ranks beyond this many share cores (None: this machine's usable cores)
+    cores_per_node: int | None = None
+    # Per device, for the compute dtype; None: calibrated on this machine
+    peak_tflops: float | None = None
+    # Memory a rank may use, GB; None: this machine's RAM divided among its workers
+    memory_per_device_gb: float | None = None
+    # Fraction of peak that uncalibrated (FLOP-based) predictions assume
+    mfu: float = 0.4
+    intra: LinkConfig = field(default_factory=LinkConfig)
+    inter: LinkConfig = field(default_factory=LinkConfig)
 
 
 @dataclass

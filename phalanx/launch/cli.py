@@ -30,6 +30,10 @@ commands:
   run     train: `phalanx run [--nproc-per-node N] [key=value ...]` (see `phalanx run --help`)
   bench   benchmark against the peer implementation: `phalanx bench NAME [--quick] [--out FILE]`,
           `phalanx bench --list`
+  plan    the planner's best layouts: `phalanx plan model=llama_70b cluster=h100_8x nodes=64
+          trainer.global_batch=1024 [parallel.tp=8 ...] [--top K] [--json]`
+  calibrate  measure this machine for the planner (per-block compute, optimizer, collectives):
+          `phalanx calibrate [key=value ...] [--out FILE] [--quick]`
 
 The embedded default (`phalanx run` with no arguments) trains a tiny Llama on the
 Python standard library's sources with 2 CPU workers.
@@ -157,6 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         from phalanx.bench import main as bench_main
 
         return bench_main(rest)
+    if cmd == "plan":
+        from phalanx.launch.plan_cli import main as plan_main
+
+        return plan_main(rest)
+    if cmd == "calibrate":
+        from phalanx.launch.calibrate import main as calibrate_main
+
+        return calibrate_main(rest)
     return _error(f"unknown command {cmd!r}; see `phalanx --help`.")
 
 

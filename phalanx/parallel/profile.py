@@ -62,7 +62,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PARTS = ("block", "embedding", "head")
 # Byte counts are those of the full (unsharded) buffer: all_gather_into_tensor's output,
 # reduce_scatter_tensor's input -- the flat buffer ZeRO hands them -- and one P2P message.
-COLLECTIVE_OPS = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "p2p", "p2p_bidir")
+COLLECTIVE_OPS = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "p2p", "p2p_bidir",
+                  "p2p_idle")
+# p2p_idle: the receiver has waited this long (a pipeline bubble) when the message leaves.
+IDLE_S = 0.003
 
 Record = dict[str, Any]
 
@@ -108,6 +111,9 @@ class _Case:
 
 def _round_robin(cases: list[_Case], *, budget_s: float, warmup: int, min_reps: int,
                  max_reps: int, min_points: int, group: dist.ProcessGroup | None) -> list[Record]:
+    """Time ``cases`` round-robin within ``budget_s``: ``warmup`` rounds (the first also
+    estimates each case's time), then as many rounds as the budget allows within
+    [min_reps, max_reps]. Every count is derived from values agreed over ``group``."""
     start = time.perf_counter()
     # Round 1 is warm-up and estimate at once: each case's time, agreed over the group.
     est = []
@@ -115,7 +121,7 @@ def _round_robin(cases: list[_Case], *, budget_s: float, warmup: int, min_reps: 
         t0 = time.perf_counter()
         c.step()
         est.append(time.perf_counter() - t0)
-    est = _agree(est, group)
+    *est, spent = _agree([*est, time.perf_counter() - start], group)
     active = list(range(len(cases)))
 
     def round_s() -> float:
@@ -123,7 +129,7 @@ def _round_robin(cases: list[_Case], *, budget_s: float, warmup: int, min_reps: 
 
     # Drop the most expensive droppable case (the largest size of a series that keeps
     # min_points) while min_reps more rounds (plus the warm-up left) would not fit.
-    while (min_reps + warmup - 1) * round_s() > budget_s - (time.perf_counter() - start):
+    while (min_reps + warmup - 1) * round_s() > budget_s - spent:
         counts: dict[tuple, int] = {}
         for i in active:
             counts[cases[i].series] = counts.get(cases[i].series, 0) + 1
@@ -369,9 +375,11 @@ def probe_collectives(*, sizes: Sequence[int], ops: Sequence[str] = COLLECTIVE_O
     is timed on each rank until its own part completes; the record is this rank's (the
     fitting takes the slowest rank). ``p2p``: even group ranks send to the next odd one
     (``batch_isend_irecv``, as the pipeline runtime issues a batch); ``p2p_bidir``: both
-    partners send and receive in one batch (1F1B's steady state pairs SEND_F with RECV_B).
-    Records: ``op``, ``group_size``, ``bytes``, ``s`` (median), ``mean_s`` (trimmed mean),
-    ``min_s``, ``reps``.
+    partners send and receive in one batch (1F1B's steady state pairs SEND_F with RECV_B);
+    ``p2p_idle``: as ``p2p``, but the sender computes for ``IDLE_S`` first while the
+    receiver waits, as in a pipeline bubble (time counted from the send; on a VM, waking
+    the idle receiver costs more than the transfer of a small message). Records: ``op``,
+    ``group_size``, ``bytes``, ``s`` (median), ``mean_s`` (trimmed mean), ``min_s``, ``reps``.
     """
     if group is None:
         group = dist.group.WORLD
@@ -402,6 +410,10 @@ def probe_collectives(*, sizes: Sequence[int], ops: Sequence[str] = COLLECTIVE_O
                 elif op == "reduce_scatter_tensor":
                     dist.reduce_scatter_tensor(part, full, group=group)
                 else:
+                    if op == "p2p_idle" and me % 2 == 0:
+                        t_end = time.perf_counter() + IDLE_S
+                        while time.perf_counter() < t_end:  # busy, as a stage computing
+                            pass
                     p2p = []
                     if op == "p2p_bidir" or me % 2 == 0:
                         p2p.append(dist.P2POp(dist.isend, full, peer, group, 11))
@@ -410,11 +422,12 @@ def probe_collectives(*, sizes: Sequence[int], ops: Sequence[str] = COLLECTIVE_O
                     for w in dist.batch_isend_irecv(p2p):
                         w.wait()
 
-            def step(run: Callable[[], None] = run) -> tuple[float]:
+            def step(run: Callable[[], None] = run,
+                     wait: float = IDLE_S if op == "p2p_idle" else 0.0) -> tuple[float]:
                 dist.barrier(group=group)
                 t0 = time.perf_counter()
                 run()
-                return (time.perf_counter() - t0,)
+                return (time.perf_counter() - t0 - wait,)
 
             rec = {"probe": "collective", "op": op + op_suffix, "group_size": n,
                    "bytes": numel * elem, "dtype": str(dtype).removeprefix("torch.")}
