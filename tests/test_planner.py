@@ -18,7 +18,7 @@ def _run(overrides):
 
 @pytest.mark.parametrize("model,world,batch", [("tiny", 2, 16), ("tiny", 4, 16), ("small", 8, 32)])
 def test_every_planned_layout_passes_the_validator(model, world, batch):
-    base = [f"model={model}", f"--nproc-per-node", str(world), f"trainer.global_batch={batch}",
+    base = [f"model={model}", "--nproc-per-node", str(world), f"trainer.global_batch={batch}",
             *FIGURES]
     result, _, _ = make_plan(_run(base), base, top_k=50)
     assert result.top, "something must fit"

@@ -127,10 +127,61 @@ def _task(cfg: DictConfig) -> None:
     _LaunchArgs.exit_codes.append(outcome.exit_code)
 
 
+def resolve_auto(argv: list[str]) -> list[str]:
+    """`parallel=auto`: plan on this machine's calibrated profile (calibrating first when none
+    is cached) and replace it with the chosen layout's keys; keys given by hand stay fixed."""
+    from phalanx.launch.plan_cli import make_plan
+
+    rest = [a for a in argv if a != "parallel=auto"]
+    run = OmegaConf.to_object(compose_recipe(_flag_pairs(rest)))
+    try:
+        result, _, _ = make_plan(run, rest, top_k=3)
+    except ConfigError as e:
+        if "phalanx calibrate" not in str(e):
+            raise
+        from phalanx.launch.calibrate import calibrate
+
+        _say("parallel=auto: no calibrated profile for this model here; calibrating (once)")
+        calibrate(_flag_pairs(rest), quick=True, log=_say)
+        result, _, _ = make_plan(run, rest, top_k=3)
+    if not result.top:
+        raise ConfigError("parallel=auto: no layout fits this machine's memory for this recipe "
+                          "(see `phalanx plan` for what is short).")
+    best = result.top[0]
+    why = ", ".join(f"{s.cand.short()} {s.cost.total:.3f} s" for s in result.top[1:])
+    _say(f"parallel=auto chose {best.cand.short()}: predicted {best.cost.total:.3f} s/step, "
+         f"{best.tokens_per_s:.0f} tokens/s, {best.memory.total / 1e9:.2f} GB per rank "
+         f"(next best: {why or 'none'})")
+    return rest + [o for o in best.cand.overrides() if o.split("=")[0] not in
+                   {a.split("=")[0] for a in rest}]
+
+
+def _say(msg: str) -> None:
+    # Before Hydra has configured logging: straight to stderr.
+    print(f"phalanx: {msg}", file=sys.stderr, flush=True)
+
+
+def _flag_pairs(argv: list[str]) -> list[str]:
+    """The arguments compose_recipe understands: overrides and the launcher's own flags."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in ("--nproc-per-node", "--nproc_per_node", "--nnodes"):
+            out += argv[i:i + 2]
+            i += 2
+            continue
+        if not a.startswith("-") and "=" in a:
+            out.append(a)
+        i += 1
+    return out
+
+
 def run_command(argv: list[str]) -> int:
     import hydra
 
     try:
+        if "parallel=auto" in argv:
+            argv = resolve_auto(argv)
         hydra_argv, _LaunchArgs.port = _launcher_overrides(argv)
     except ConfigError as e:
         return _error(str(e))

@@ -36,7 +36,7 @@ def fixed_dims(overrides: list[str], run: RunConfig) -> dict[str, Any]:
 
 
 def load_profile(run: RunConfig, config: Any) -> Any:
-    from phalanx.orchestrator.calibration import cache_path, Profile
+    from phalanx.orchestrator.calibration import Profile, cache_path
 
     if run.cluster.peak_tflops is not None:
         return None

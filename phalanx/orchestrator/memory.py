@@ -36,7 +36,6 @@ step_buffers): the peak of one training step on that rank.
 from __future__ import annotations
 
 import functools
-
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
