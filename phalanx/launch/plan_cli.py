@@ -56,7 +56,8 @@ def make_plan(run: RunConfig, overrides: list[str], *, top_k: int = 10) -> Any:
     hw = hardware(run.cluster, profile=profile)
     dtypes = Dtypes.from_precision(run.precision.param, run.precision.compute)
     kw = dict(hw=hw, compute=compute, global_batch=run.trainer.global_batch,
-              seq_len=run.trainer.seq_len, dtypes=dtypes, top_k=top_k, tp_in_compute=tp_in)
+              seq_len=run.trainer.seq_len, dtypes=dtypes, top_k=top_k, tp_in_compute=tp_in,
+              backend="nccl" if run.cluster.device == "cuda" else "gloo")
     fixed = fixed_dims(overrides, run)
     result = plan(config, fixed=fixed, **kw)
     best = plan(config, **{**kw, "top_k": 1}) if fixed else None

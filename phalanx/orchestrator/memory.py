@@ -15,22 +15,30 @@ Categories (per rank, device memory unless "host"):
   (no fp32 master: the fp32 parameters are the master). With bf16 parameters and an fp32
   master (the ZeRO paper's mixed precision) the same code gives 16Ψ, 4Ψ + 12Ψ/N,
   2Ψ + 14Ψ/N, 16Ψ/N. Ψ is what the rank holds: its `vpp` stages, each `stage_numel`.
-- **activations**: what autograd (and our pipeline runtime) keeps between a forward
-  and its backward, at the rank's worst moment of the step: per layer
-  `activation_bytes_per_layer` (derived below), per stage the embedding / head / loss
-  extras, times the micro-batches in flight (`inflight_microbatches`; `memory_per_rank`
-  walks the rank's actual action list, which is the simulator's `peak_inflight`), plus
-  the runtime's held tensors and the backward's working set (see `memory_per_rank`).
+- **activations**: the step's peak above the model states while forward and backward
+  run: what autograd and our pipeline runtime keep between a forward and its backward
+  (per layer `activation_bytes_per_layer`, per stage the embedding / head / loss extras,
+  times the micro-batches in flight: `inflight_microbatches`, which `memory_per_rank`
+  gets by walking the rank's action list, as the simulator's `peak_inflight` does), plus
+  the runtime's held tensors and the working set of the forward / backward running at
+  that moment (see `memory_per_rank`).
 - **buffers**: communication / temporary buffers alive *during* forward/backward, i.e.
   on top of the activation peak (ZeRO-2's full flat gradient, ZeRO-3's gathered
-  parameters and full flat gradient).
+  parameters and full flat gradient, DDP's accumulation copy).
 - **step_buffers**: temporaries of the end of the step, when activations are gone (the
-  data-parallel all-reduce's flat copy of the gradients, optimizer / clipping
-  temporaries); the peak takes the larger of the two phases.
+  data-parallel all-reduce's flat copy of the gradients, ZeRO's gathers and reductions,
+  optimizer / clipping temporaries); the peak takes the larger of the two phases.
 - **host**: bytes offloaded to host memory (ZeRO-Offload).
 
 `MemoryBreakdown.total` = params + grads + optimizer + max(activations + buffers,
 step_buffers): the peak of one training step on that rank.
+
+Checked against real steps (fp32 and bf16 autocast on CPU, gloo): the allocator's peak
+over one training step (torch profiler memory events, every rank of 1-4 rank worlds: DDP,
+ZeRO 1-3, pp 2 with gpipe / 1f1b / zb_h1 / interleaved, tp 2 with and without SP,
+recompute none / selective / full) lands within 5% of `total - model_states` in nearly
+every case, and the model states match to the byte. tests/test_memory_model.py runs a
+fast version of that check on torch's fake process group.
 """
 
 from __future__ import annotations
@@ -329,7 +337,9 @@ def activation_bytes_per_layer(config: LlamaConfig, *, seq_len: int, micro_batch
       stay full: 2 h + (8 h + 4 I + H + 2) / t elements;
     - selective: Korthikanti recompute only the s^2 core (34 sbh left); our selective
       recomputes the whole attention sub-block and keeps only its input (h).
-    In elements per token, no TP: ours 10 h + 4 I + H + 2 vs their 17 h + 2.5 a s.
+    In elements per token, no TP: ours 10 h + 4 I + H + 2 vs their 17 h + 2.5 a s; in
+    bytes, ours 4 sbh (10 + 4 I / h + (H + 2) / h), i.e. 82.7 sbh for I = 8h/3, vs their
+    sbh (34 + 5 a s / h).
     """
     _check_recompute(recompute)
     e, n, q = _shapes(config, seq_len, micro_batch, tp, sp)
@@ -485,41 +495,36 @@ class _StageBytes:
     w_pending: float  # kept from I to W (the weight gradient's inputs)
 
 
-def _walk(actions: list[tuple[str, int]], stages: dict[int, _StageBytes]
-          ) -> tuple[float, float, float]:
-    """(peak before the rank's gradients exist, peak once they do, bytes still held at the
-    end: the input gradients) of the activation bytes over its compute order; in
-    micro-batches the peak is the simulator's `peak_inflight`.
+def _walk(actions: list[tuple[str, int]], stages: dict[int, _StageBytes],
+          late_grads: dict[int, float]) -> tuple[float, float]:
+    """(peak, bytes still held at the end: the input gradients) of the activation bytes over
+    a rank's compute order; in micro-batches the peak is the simulator's `peak_inflight`.
 
-    A backward frees its stage's activations as it goes while the gradients it produces
-    appear, so the start of the rank's first backward counts as "before" and its end as
-    "after". Stage 0's I is empty (token ids have no gradient): its W is the backward.
+    `late_grads[s]`: gradient bytes of stage s that do not exist until its first backward
+    (our runtime without ZeRO frees them at the step start): until then the peak has their
+    room. A backward frees its stage's activations as it goes while the gradients it
+    produces appear, so the start of a stage's first backward still has that room. Stage
+    0's I is empty (token ids have no gradient): its W is the whole backward.
     """
-    cur = before = after = 0.0
-    started = False
+    missing = sum(late_grads.values())
+    pending = dict(late_grads)
+    cur = peak = 0.0
     for kind, s in actions:
         st = stages[s]
-        first = not started
         if kind == "F":
-            top = cur + st.held + st.fwd_work
+            peak = max(peak, cur + st.held + st.fwd_work - missing)
             cur += st.held
         elif kind == "I" and s == 0:
             continue
         elif kind in ("B", "I") or (kind == "W" and s == 0):
-            started = True
-            top = cur + st.bwd_work
+            peak = max(peak, cur + st.bwd_work - missing)
+            missing -= pending.pop(s, 0.0)
             cur += st.grad_in
             cur -= st.held if kind != "I" else -st.w_pending
         else:  # W after a real I
-            top = cur
             cur -= st.held + st.w_pending
-        if first:
-            before = max(before, top)
-        else:
-            after = max(after, top)
-        after = max(after, cur) if started else after
-        before = before if started else max(before, cur)
-    return before, after, cur
+        peak = max(peak, cur - missing)
+    return peak, cur
 
 
 def memory_per_rank(config: LlamaConfig, cand: Candidate, *, seq_len: int, global_batch: int,
@@ -527,36 +532,63 @@ def memory_per_rank(config: LlamaConfig, cand: Candidate, *, seq_len: int, globa
     """One `MemoryBreakdown` per pipeline rank (a rank holds `vpp` stages), for the worst
     rank of its tp / dp group (TP's larger vocab shard; ZeRO shards are even).
 
-    Which runtime runs the candidate decides the in-flight micro-batches: pp = tp = 1 with
-    ZeRO 0 runs torch DDP, and ZeRO-Offload runs DeepSpeed's engine (sharding over all dp
-    ranks): both one micro-batch at a time. Everything else runs our pipeline runtime with
-    the named schedule (even at pp = 1: gpipe then holds every micro-batch).
+    The runtime that runs the candidate decides the in-flight micro-batches: pp = tp = 1
+    with ZeRO 0 runs torch DDP, and ZeRO-Offload runs DeepSpeed's engine (sharding over all
+    dp ranks), both one micro-batch at a time; everything else runs our pipeline runtime
+    with the named schedule (even at pp = 1, where gpipe holds every micro-batch).
+    `backend` is the collectives' library: gloo (CPU) stages all_gather_into_tensor and
+    reduce_scatter_tensor through full-size copies, nccl does not.
 
-    Activations, by walking the rank's compute order (= the simulator's `peak_inflight`):
-    per in-flight (stage, micro-batch): its layers x `activation_bytes_per_layer`, stage
-    0's `embedding_activation_bytes`, the last stage's `head_activation_bytes`, and for
-    other stages the output the runtime keeps until the backward (b s h S, /t with SP;
-    the next stage's input is its first layer's). Each backward leaves the stage's input
-    gradient (b s h x 4, /t with SP) in the runtime's `grad_in` until the step ends
-    (stages > 0). Working set while a backward runs: the received output gradient, the
-    loss's two fp32 b s V gradients (last stage), one layer's re-materialised activations
-    (recompute), the MLP's gradients, and the largest weight gradient before it is
-    accumulated (with TP the embedding's arrives full size); while a forward runs: the
-    logits (last stage). Plus every micro-batch's token ids and targets.
+    activations -- the step's peak above the model states while forward/backward run, by
+    walking the rank's compute order (its micro-batch count is the simulator's
+    `peak_inflight`, see `inflight_microbatches`). Per in-flight (stage, micro-batch):
+    layers x `activation_bytes_per_layer`, `embedding_activation_bytes` on stage 0,
+    `head_activation_bytes` on the last stage, and on the other stages the output the
+    runtime keeps until the backward (b s h S, /t with SP). Held besides:
+    - each backward's input gradient (b s h x 4, /t with SP; stages > 0): the runtime keeps
+      it in `grad_in` until the step ends;
+    - after an I (zb_h1), the gradients torch's split backward keeps for W: each
+      projection's output gradient and the norms' (the micro-batch's activations stay too);
+    - every micro-batch's token ids and targets (built up front).
+    Working sets: a backward adds the received output gradient and the larger of one
+    layer's backward (re-materialised activations under recompute, the incoming residual
+    gradient, the MLP's two widest gradients) and a weight gradient before it is added to
+    `.grad` (the embedding's, dense, once the layers' activations are freed; with TP it
+    arrives full size); the last stage's backward starts with the loss's two fp32 b s V
+    gradients beside the saved log-probabilities. A forward adds the logits (last stage)
+    and, under autocast, the bf16 weight copies recompute does not save (autocast caches
+    them until the forward ends). Without ZeRO our runtime frees the gradients at the step
+    start (zero_grad(set_to_none)) and a stage's first backward brings its own back, so a
+    peak reached before (GPipe, a short interleaved step) has their room.
 
-    Buffers: ZeRO-2 allocates the full flat gradient for backward (+ grad x Ψ (1 - 1/N)
-    over the resident shard, which replaces it at REDUCE_GRAD); ZeRO-3 gathers the
-    stage's full parameters at UNSHARD (+ param x Ψ) and the full flat gradient (as
-    ZeRO-2); under interleaving every stage of the rank is unsharded at once. ZeRO-1's full
-    flat gradient is its resident gradient. Offload: DeepSpeed's gradient bucket (its
-    default 5e8 elements, at most Ψ). DDP with gradient accumulation (m > 1): the no_sync
-    micro-batches' gradients are fresh tensors beside DDP's buckets until the last
-    backward (zero_grad(set_to_none) dropped the bucket views): + grad x Ψ. Step buffers: without ZeRO and dp > 1, our pipeline
-    reduces a flat copy of each stage's gradients (grad x Ψ, DDP needs none: gradients
-    are views of its buckets); AdamW (foreach off on CPU) and clipping make two
-    temporaries of the largest tensor they update (a flat ZeRO shard, or a matrix).
+    buffers -- alive during forward/backward, on top of the activation peak:
+    - ZeRO-2: the full flat gradient that backward accumulates into, grad x Ψ (1 - 1/N)
+      above the resident shard gradient that replaces it at REDUCE_GRAD;
+    - ZeRO-3: that, plus the stage's parameters gathered at UNSHARD, param x Ψ (every
+      stage of an interleaved rank is unsharded at once);
+    - DDP with gradient accumulation (m > 1): zero_grad(set_to_none) drops the bucket
+      views, so the no_sync micro-batches accumulate into fresh gradients beside the
+      buckets until the last backward copies them in: grad x Ψ;
+    - offload: DeepSpeed's gradient bucket (its default 5e8 elements, at most Ψ).
+    ZeRO-1's full flat gradient is its resident gradient (no buffer).
+
+    step_buffers -- the largest end-of-step phase (activations freed; the peak is the
+    larger of the two phases):
+    - no ZeRO, dp > 1: REDUCE_GRAD all-reduces a flat copy of each stage's gradients,
+      grad x Ψ (DDP needs none: its gradients are views of its buckets);
+    - ZeRO-1: begin_step allocates the new flat gradient while the old one lives (grad x Ψ);
+      end_step all-gathers a clone of the shard into the full parameters (param x Ψ/N,
+      + param x Ψ staging with gloo);
+    - ZeRO-2: REDUCE_GRAD holds the flat gradient (+ gloo's copy of it); end_step as ZeRO-1;
+    - ZeRO-3: UNSHARD's gathered parameters (+ gloo's staging copy); REDUCE_GRAD's gathered
+      parameters, flat gradient (+ gloo's copy);
+    - AdamW (foreach is off on CPU) and clipping: two temporaries of the largest tensor
+      they update (a flat ZeRO shard, or a matrix).
     """
-    n_stages = cand.pp * cand.vpp
+    zero = cand.zero_stage
+    own_runtime = not (cand.offload or (cand.pp == 1 and cand.tp == 1 and zero == 0))
+    # DDP and DeepSpeed run the whole model as one module, whatever vpp says.
+    n_stages = cand.pp * cand.vpp if own_runtime else 1
     if config.tie_word_embeddings and n_stages > 1:
         raise ValueError("model.tie_word_embeddings=true needs the embedding and the head in one "
                          f"stage, but pp*vpp = {n_stages}: untie the embeddings or use "
@@ -576,9 +608,6 @@ def memory_per_rank(config: LlamaConfig, cand: Candidate, *, seq_len: int, globa
     gloo = 1.0 if backend == "gloo" else 0.0
     per_layers = _layers_per_stage(config, n_stages)
     shard = cand.dp if cand.offload else cand.dp_shard
-    zero = cand.zero_stage
-
-    own_runtime = not (cand.offload or (cand.pp == 1 and tp == 1 and zero == 0))
     if own_runtime:
         stage_to_rank, actions = _schedule_actions(cand, m)
     else:
@@ -593,9 +622,17 @@ def memory_per_rank(config: LlamaConfig, cand: Candidate, *, seq_len: int, globa
     kv = config.num_key_value_heads * config.head_dim
     hq = config.num_attention_heads * config.head_dim
     largest_matrix = max(h * inter, h * hq) / tp
-    # One layer's backward: the re-materialised activations (recompute), the incoming
-    # residual gradient and the MLP's two widest gradients.
-    layer_work = rematerialised + e * (n * h * 4 + 2 * q * inter * C)
+    # One layer's backward. Its MLP part: the two widest gradients (product, silu / up), or
+    # one beside a weight gradient before it is added to .grad. Full recompute
+    # re-materialises the whole layer before that; selective re-materialises the attention
+    # after the MLP's backward is done, beside the attention's q / k / v / out gradients.
+    mlp_work = max(2 * e * q * inter * C, e * q * inter * C + G * largest_matrix)
+    if cand.recompute == "full":
+        layer_work = rematerialised + mlp_work
+    elif cand.recompute == "selective":
+        layer_work = max(mlp_work, rematerialised + 4 * e * q * hq * C)
+    else:
+        layer_work = mlp_work
     # After an I (ZB-H1), torch's split backward keeps the gradients at the points where the
     # weight path leaves the input path: each projection's output, the norms' products.
     w_layer = e * ((2 * n + 1) * h * 4 + q * (hq + 2 * kv + 2 * inter) * C)
@@ -607,15 +644,19 @@ def memory_per_rank(config: LlamaConfig, cand: Candidate, *, seq_len: int, globa
         unsaved_casts = C * (layer_matrices if cand.recompute == "full" else attn_matrices)
     stages: dict[int, _StageBytes] = {}
     for s in range(n_stages):
-        held = per_layers * layer
-        weight_tmp = G * largest_matrix
+        layers_held = held = per_layers * layer
+        # Backward working set on top of the stage's held activations: the received output
+        # gradient and one layer's backward.
+        work = layer_work
         if s == 0:
             held += embedding_activation_bytes(config, **kw)
-            # The embedding's gradient is dense; with TP it arrives full size (tensor.py).
-            weight_tmp = G * (vt if tp == 1 else config.vocab_size) * h
+            # The embedding's dense gradient comes last, once the layers' activations are
+            # freed; with TP it arrives full size and is sliced to the shard (tensor.py).
+            emb_grad = vt if tp == 1 else config.vocab_size + vt
+            work = max(work, G * emb_grad * h - layers_held)
         if s != last and cand.pp > 1:
             held += e * n * h * S  # the output, kept by the runtime until this stage's backward
-        inner = (0.0 if s == last else grad_bytes) + max(layer_work, weight_tmp)
+        inner = (0.0 if s == last else grad_bytes) + work
         # autocast caches every weight's bf16 copy until the stage's forward ends, saved by
         # autograd or not: the ones recompute does not save are a transient of F.
         fwd_work = per_layers * unsaved_casts
@@ -624,10 +665,11 @@ def memory_per_rank(config: LlamaConfig, cand: Candidate, *, seq_len: int, globa
             held += head
             # logits (and their fp32 copy under autocast) while log_softmax runs
             fwd_work += e * vt * (C + (4 if C != 4 else 0))
-            # the loss's two fp32 b s V gradients; the layers' backward starts after the
-            # head's saved tensors are freed
-            loss_work = 2 * e * vt * 4 + (e * vt * C if C != 4 else 0.0)
-            inner = max(loss_work, G * vt * h, inner - head)
+            # the loss's fp32 b s V gradients beside the saved log-probabilities (one more in
+            # the vocab-parallel loss); lm_head's weight gradient beside the logits' gradient;
+            # the layers' backward starts once the head's saved tensors are freed
+            loss_work = (2 + (tp > 1)) * e * vt * 4
+            inner = max(loss_work, e * vt * 4 + G * vt * h, inner - head)
             w_pending += e * (vt * 4 + n * h * 4)
         stages[s] = _StageBytes(held=held, fwd_work=fwd_work, bwd_work=inner,
                                 grad_in=grad_bytes if s > 0 else 0.0, w_pending=w_pending)
@@ -645,11 +687,12 @@ def memory_per_rank(config: LlamaConfig, cand: Candidate, *, seq_len: int, globa
         optimizer = sum(st["optimizer"] for st in states)
         host = sum(st["host"] for st in states)
 
-        before, after, end = _walk(actions[r], stages)
-        if own_runtime and zero == 0:
-            # zero_grad(set_to_none) frees the gradients; the first backward brings them back.
-            before -= grads
-        acts = max(before, after) + ids
+        # Without ZeRO our runtime's zero_grad(set_to_none) frees the gradients at the step
+        # start; each stage's first backward brings its own back.
+        late = {s: st["grads"] for s, st in zip(mine, states, strict=True)} \
+            if own_runtime and zero == 0 else {}
+        peak, end = _walk(actions[r], stages, late)
+        acts = peak + ids
 
         # AdamW (foreach is off on CPU) and clipping: two temporaries of the largest tensor
         # they update: a flat ZeRO shard, or a matrix.
@@ -687,9 +730,10 @@ def memory_per_rank(config: LlamaConfig, cand: Candidate, *, seq_len: int, globa
                 step = max(step, P * psi_r * (1 + gloo),
                            P * psi_r + G * psi_r * (1 + gloo) + end)
 
-        out.append(MemoryBreakdown(params=params, grads=grads, optimizer=optimizer,
-                                   activations=acts, buffers=buffers, host=host,
-                                   step_buffers=step, pp_rank=r))
+        out.append(MemoryBreakdown(params=float(params), grads=float(grads),
+                                   optimizer=float(optimizer), activations=float(acts),
+                                   buffers=float(buffers), host=float(host),
+                                   step_buffers=float(step), pp_rank=r))
     return out
 
 

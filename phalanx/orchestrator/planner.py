@@ -132,7 +132,8 @@ def candidates(config: LlamaConfig, *, world: int, global_batch: int, seq_len: i
 
 def plan(config: LlamaConfig, *, hw: Hardware, compute: ComputeModel, global_batch: int,
          seq_len: int, dtypes: Dtypes, fixed: Mapping[str, Any] | None = None, top_k: int = 10,
-         resimulate: int = 20, tp_in_compute: bool = False) -> PlanResult:
+         resimulate: int = 20, tp_in_compute: bool = False, backend: str = "gloo") -> PlanResult:
+    """`backend`: gloo stages collectives through full copies (CPU), NCCL does not (GPU)."""
     t0 = time.perf_counter()
     fits: list[Scored] = []
     over: list[Scored] = []
@@ -140,7 +141,8 @@ def plan(config: LlamaConfig, *, hw: Hardware, compute: ComputeModel, global_bat
     for c in candidates(config, world=hw.world, global_batch=global_batch, seq_len=seq_len,
                         devices_per_node=hw.devices_per_node, fixed=fixed):
         n += 1
-        mem = peak_memory(config, c, seq_len=seq_len, global_batch=global_batch, dtypes=dtypes)
+        mem = peak_memory(config, c, seq_len=seq_len, global_batch=global_batch, dtypes=dtypes,
+                          backend=backend)
         cost = step_cost(config, c, seq_len=seq_len, global_batch=global_batch, hw=hw,
                          compute=compute, act_bytes=dtypes.activation, tp_in_compute=tp_in_compute)
         s = Scored(c, cost, mem, global_batch * seq_len / cost.total)
