@@ -31,6 +31,9 @@ BENCHES: dict[str, tuple[str, str]] = {
                  "phalanx's PipelineRuntime vs torch.distributed.pipelining (1F1B, interleaved 1F1B)"),
     "memory": ("phalanx.bench.memory",
                "ZeRO 0-3 model-state bytes and peak RSS per rank vs the formulas; ZeRO-1/2 vs DDP speed"),
+    "planner": ("phalanx.bench.planner",
+                "planner predictions vs measured step time and memory for fixed layouts; "
+                "planning time for big clusters"),
 }
 
 

@@ -38,6 +38,24 @@ OVER_SIZES = (4 * KB, 256 * KB, 16 * MB)
 QUICK_OVER_SIZES = (4 * KB, 1 * MB)
 
 
+def _busy_cpu_s() -> float | None:
+    """CPU seconds every process on this machine has used (from /proc/stat), or None."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process and its finished children (the worker ranks)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def _scaled(budgets: dict[str, float], scale: float) -> dict[str, float]:
     return {k: (v if k == "rounds" else v * scale) for k, v in budgets.items()}
 
@@ -98,6 +116,7 @@ def calibrate(overrides: Sequence[str], *, quick: bool = False, out: str | Path 
 
     t_start = time.perf_counter()
     load_before = os.getloadavg()[0]
+    busy0, own0 = _busy_cpu_s(), _own_cpu_s()
     run = validate(compose_recipe(list(overrides)))
     cores = usable_cores()
     pinned = len(cores) >= 2
@@ -130,13 +149,17 @@ def calibrate(overrides: Sequence[str], *, quick: bool = False, out: str | Path 
                                  "oversubscribed)")
         world_wall[f"oversubscribed_{over_ranks}"] = time.perf_counter() - t0
     machine = machine_fingerprint()
+    wall = time.perf_counter() - t_start
+    busy1 = _busy_cpu_s()
+    # Other processes on these cores slow every probe: the CPU time they took meanwhile
+    # (all busy time minus ours) says whether the machine was quiet.
+    other = None if busy0 is None or busy1 is None else max(
+        0.0, (busy1 - busy0) - (_own_cpu_s() - own0))
     meta = {"quick": bool(quick), "budget_scale": budget_scale, "created_unix": time.time(),
             "overrides": list(overrides), "ranks": 2, "pinned": pinned, "threads_per_rank": 1,
             "backend": "gloo", "world_wall_s": world_wall,
-            "wall_s": time.perf_counter() - t_start,
-            # Other processes on these cores slow every probe: the 1-minute load average
-            # before the start says whether the machine was quiet.
-            "load_avg_before": load_before}
+            "wall_s": wall, "load_avg_before": load_before, "other_cpu_s": other,
+            "other_cpu_cores": None if other is None else other / wall}
     prof = build_profile(records, model=run.model, seq_len=run.trainer.seq_len,
                          compute_dtype=run.precision.compute, machine=machine,
                          oversubscribed=over_records, over_ranks=over_ranks,

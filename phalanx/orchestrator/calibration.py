@@ -442,20 +442,22 @@ def load_or_none(model: Any, *, seq_len: int, compute_dtype: str,
 
 # -- from probe records to a profile ---------------------------------------------------------------
 
-def _median_by(records: Iterable[Mapping[str, Any]], keys: Sequence[str],
-               values: Sequence[str]) -> dict[tuple, dict[str, float]]:
-    """Median over ranks of each value, per distinct tuple of ``keys``."""
+def _best_by(records: Iterable[Mapping[str, Any]], keys: Sequence[str],
+             values: Sequence[str]) -> dict[tuple, dict[str, float]]:
+    """Per distinct tuple of ``keys``, the least disturbed rank's figure (the min over ranks
+    of each rank's median): every rank of the pinned world runs the same probe on its own
+    core at the same time, so ranks differ only by what else ran on their core."""
     groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         g = groups[tuple(r[k] for k in keys)]
         for v in values:
             g[v].append(float(r[v]))
-    return {k: {v: statistics.median(xs) for v, xs in g.items()} for k, g in groups.items()}
+    return {k: {v: min(xs) for v, xs in g.items()} for k, g in groups.items()}
 
 
 def _fit_compute(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     comp = [r for r in records if r["probe"] in ("block", "embedding", "head")]
-    med = _median_by(comp, ("probe", "variant", "recompute", "mbs"), ("fwd_s", "bwd_s"))
+    med = _best_by(comp, ("probe", "variant", "recompute", "mbs"), ("fwd_s", "bwd_s"))
     series: dict[tuple, list[tuple[int, dict[str, float]]]] = defaultdict(list)
     for (part, variant, rc, mbs), vals in med.items():
         series[(part, variant, rc)].append((mbs, vals))
@@ -473,7 +475,7 @@ def _fit_compute(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, An
 
 def _fit_optimizer(records: Sequence[Mapping[str, Any]]) -> dict[str, CostFit]:
     opt = [r for r in records if r["probe"] == "optimizer"]
-    med = _median_by(opt, ("kind", "case", "numel", "tensors"), ("adamw_s", "clip_s", "clip_ddp_s"))
+    med = _best_by(opt, ("kind", "case", "numel", "tensors"), ("adamw_s", "clip_s", "clip_ddp_s"))
     out: dict[str, CostFit] = {}
     for name, kind, value in (("adamw", "list", "adamw_s"), ("adamw_flat", "flat", "adamw_s"),
                               ("clip", "list", "clip_s"), ("clip_flat", "flat", "clip_s"),
@@ -511,15 +513,17 @@ def _fit_collectives(records: Sequence[Mapping[str, Any]]) -> dict[str, AlphaBet
 
 def _oversubscription(pinned: Sequence[Mapping[str, Any]], over: Sequence[Mapping[str, Any]], *,
                       ranks: int, cores: int) -> dict[str, Any] | None:
-    def per_mbs(records: Sequence[Mapping[str, Any]]) -> dict[int, float]:
+    def per_mbs(records: Sequence[Mapping[str, Any]], over_ranks: Any) -> dict[int, float]:
         sel = [r for r in records if r["probe"] == "block" and r["variant"] == "tp1"
                and r["recompute"] == "none"]
         by: dict[int, list[float]] = defaultdict(list)
         for r in sel:
             by[int(r["mbs"])].append(float(r["fwd_s"]) + float(r["bwd_s"]))
-        return {m: statistics.median(v) for m, v in by.items()}
+        return {m: over_ranks(v) for m, v in by.items()}
 
-    a, b = per_mbs(pinned), per_mbs(over)
+    # Pinned: as the compute fits (the least disturbed rank); oversubscribed: the median rank
+    # (ranks share cores by design there, and the luckiest one is not the typical one).
+    a, b = per_mbs(pinned, min), per_mbs(over, statistics.median)
     common = sorted(set(a) & set(b))
     if not common:
         return None
@@ -554,7 +558,12 @@ def build_profile(pinned: Sequence[Mapping[str, Any]], *, model: Any, seq_len: i
         if r["probe"] == "wall":
             walls[r["what"]] = max(walls[r["what"]], float(r["s"]))
     skipped = {r["what"]: r["reason"] for r in pinned if r["probe"] == "skipped"}
-    prof.meta = {**dict(meta or {}), "probe_wall_s": dict(walls), "skipped": skipped}
+    # How many compute / optimizer figures come from CPU time because another process
+    # shared the rank's core through the whole probe (profile.py, _round_robin).
+    timed = [r for r in pinned if "timing" in r and r.get("rank", 0) == 0]
+    prof.meta = {**dict(meta or {}), "probe_wall_s": dict(walls), "skipped": skipped,
+                 "cpu_timed_cases": sum(r["timing"] == "cpu" for r in timed),
+                 "timed_cases": len(timed)}
     return prof
 
 
@@ -581,7 +590,7 @@ def summary(prof: Profile) -> str:
                 f"{f.max_rel_residual:.1%}); bwd {_ms(b.a)} + {_ms(b.b)}*mbs (R2 {b.r2:.4f}, max "
                 f"err {b.max_rel_residual:.1%})"]
 
-    lines.append("compute (per decoder block, embedding, head; median over ranks):")
+    lines.append("compute (per decoder block, embedding, head; each rank's median, best rank):")
     for variant, modes in prof.compute.get("block", {}).items():
         for rc, fits in modes.items():
             lines += fit_line(f"block {variant} rc={rc}", fits)
@@ -608,14 +617,20 @@ def summary(prof: Profile) -> str:
         for op, f in o["collectives"].items():
             lines.append(f"  {op:24s} n={f.group_size} alpha {f.alpha_s * 1e6:8.1f} us  beta "
                          f"{f.beta_bytes_per_s / 1e9:6.3f} GB/s  (max err {f.max_rel_residual:.1%})")
-    load = prof.meta.get("load_avg_before", 0.0)
-    if load > 0.5 * prof.machine.get("usable_cores", 1) + 0.5:
-        lines.append(f"warning: the machine was busy (load average {load:.1f} on "
-                     f"{prof.machine.get('usable_cores')} cores); other processes slow the "
-                     "probes -- calibrate again on a quiet machine for figures to plan with")
+    other = prof.meta.get("other_cpu_cores")
+    if other is not None and other > 0.1:
+        lines.append(f"warning: other processes used {other:.2f} cores on average during the "
+                     "calibration and slowed its probes; calibrate again on a quiet machine "
+                     "for figures to plan with")
+    if prof.meta.get("cpu_timed_cases"):
+        lines.append(f"note: {prof.meta['cpu_timed_cases']} of {prof.meta['timed_cases']} compute/"
+                     "optimizer cases shared their core with another process throughout; their "
+                     "figures are thread CPU time")
     for what, why in prof.meta.get("skipped", {}).items():
         lines.append(f"skipped {what}: {why}")
     if "wall_s" in prof.meta:
         worlds = ", ".join(f"{k} {v:.1f} s" for k, v in prof.meta.get("world_wall_s", {}).items())
-        lines.append(f"calibration wall time {prof.meta['wall_s']:.1f} s ({worlds})")
+        quiet = ("" if other is None else
+                 f"; other processes: {prof.meta['other_cpu_s']:.1f} CPU s")
+        lines.append(f"calibration wall time {prof.meta['wall_s']:.1f} s ({worlds}{quiet})")
     return "\n".join(lines)

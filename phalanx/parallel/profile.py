@@ -107,13 +107,31 @@ class _Case:
     phases: tuple[str, ...]  # names of step()'s durations: "fwd", "bwd" -> fwd_s, bwd_s
     series: tuple  # cases of one series form one fit (at least min_points of them are kept)
     size: float  # dropped largest-first when the budget is short
+    # Pure computation on this thread (no communication): step() then returns the phases'
+    # wall times followed by their thread CPU times, and a rep during which the thread lost
+    # its core (wall time well above CPU time) was slowed by another process.
+    cpu_bound: bool = False
+
+
+def _preempted(wall_s: float, cpu_s: float) -> bool:
+    return wall_s - cpu_s > max(0.05 * wall_s, 2e-4)
 
 
 def _round_robin(cases: list[_Case], *, budget_s: float, warmup: int, min_reps: int,
-                 max_reps: int, min_points: int, group: dist.ProcessGroup | None) -> list[Record]:
+                 max_reps: int, min_points: int, group: dist.ProcessGroup | None,
+                 drop_preempted: bool = True) -> list[Record]:
     """Time ``cases`` round-robin within ``budget_s``: ``warmup`` rounds (the first also
     estimates each case's time), then as many rounds as the budget allows within
-    [min_reps, max_reps]. Every count is derived from values agreed over ``group``."""
+    [min_reps, max_reps]. Every count is derived from values agreed over ``group``.
+
+    ``drop_preempted``: a pinned rank owns its core in training, so what another tenant of
+    a shared machine costs is not the model's. For a ``cpu_bound`` case the statistics
+    use only the reps during which the thread kept its core (when at least a quarter of
+    them, and 3, did); when the core was shared all along, they use the thread's CPU
+    time instead of the wall time (``timing: "cpu"`` in the record; ``clean_reps`` says
+    how many reps kept their core). Off where losing the core is the point (the
+    oversubscribed world).
+    """
     start = time.perf_counter()
     # Round 1 is warm-up and estimate at once: each case's time, agreed over the group.
     est = []
@@ -157,12 +175,22 @@ def _round_robin(cases: list[_Case], *, budget_s: float, warmup: int, min_reps: 
     for i in active:
         c = cases[i]
         rec = dict(c.record)
-        for k, name in enumerate(c.phases):
-            col = [s[k] for s in samples[i]]
+        k = len(c.phases)
+        use, offset, timing = samples[i], 0, "wall"
+        if c.cpu_bound:
+            kept = [x for x in use if not _preempted(sum(x[:k]), sum(x[k:]))]
+            rec["clean_reps"] = len(kept)
+            if drop_preempted and len(kept) >= max(3, len(use) // 4):
+                use = kept
+            elif drop_preempted:
+                offset, timing = k, "cpu"
+        for j, name in enumerate(c.phases):
+            col = [x[offset + j] for x in use]
             rec[f"{name}_s"] = statistics.median(col)
             rec[f"{name}_mean_s"] = trimmed_mean(col)
             rec[f"{name}_min_s"] = min(col)
         rec["reps"] = n
+        rec["timing"] = timing
         out.append(rec)
     return out
 
@@ -196,7 +224,8 @@ def _build_part(part: str, cfg: LlamaConfig, *, recompute: str, tp_mesh: Any, sp
 
 def _compute_step(part: str, model: nn.Module, cfg: LlamaConfig, *, mbs: int, seq_len: int,
                   seq_local: int, dtype: torch.dtype,
-                  gen: torch.Generator) -> Callable[[], tuple[float, float]]:
+                  gen: torch.Generator) -> Callable[[], tuple[float, ...]]:
+    """One micro-batch's forward and backward: (fwd wall, bwd wall, fwd CPU, bwd CPU)."""
     if part == "embedding":
         inp = torch.randint(0, cfg.vocab_size, (mbs, seq_len), generator=gen)
     else:
@@ -205,23 +234,23 @@ def _compute_step(part: str, model: nn.Module, cfg: LlamaConfig, *, mbs: int, se
     scale = 1.0 / (mbs * seq_len)
     grad_out: list[torch.Tensor] = []
 
-    def step() -> tuple[float, float]:
+    def step() -> tuple[float, float, float, float]:
         if inp.requires_grad:
             inp.grad = None
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         with _autocast(dtype):
             out = model(inp)
         if part == "head":  # outside autocast, as PipelineRuntime computes the loss
             out = tp_loss_sum(out, targets) * scale
-        t1 = time.perf_counter()
+        c1, t1 = time.thread_time(), time.perf_counter()
         if part == "head":
             out.backward()
         else:
             if not grad_out:
                 grad_out.append(torch.randn(out.shape, dtype=out.dtype, generator=gen))
             torch.autograd.backward(out, grad_tensors=grad_out[0])
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
+        c2, t2 = time.thread_time(), time.perf_counter()
+        return t1 - t0, t2 - t1, c1 - c0, c2 - c1
 
     return step
 
@@ -231,7 +260,7 @@ def probe_compute(cfg: LlamaConfig, *, seq_len: int, compute_dtype: str, mbs_lis
                   recompute_modes: Sequence[str] = ("none",), tp_mesh: Any = None,
                   sp_modes: Sequence[bool] = (False,), group: dist.ProcessGroup | None = None,
                   warmup: int = 2, min_reps: int = 3, max_reps: int = 15, min_points: int = 3,
-                  seed: int = 0) -> list[Record]:
+                  seed: int = 0, drop_preempted: bool = True) -> list[Record]:
     """Forward and backward time of a decoder block / the embedding / the head vs micro-batch.
 
     ``block``: one ``LlamaDecoderLayer`` inside a one-layer stage module (RoPE tables built
@@ -243,7 +272,9 @@ def probe_compute(cfg: LlamaConfig, *, seq_len: int, compute_dtype: str, mbs_lis
     backward is ``autograd.backward`` from the output with a fixed output gradient (from
     the loss for the head), accumulating into ``.grad`` as micro-batches do, and includes
     the recompute forward. One record per (part, variant, recompute, mbs): ``fwd_s``,
-    ``bwd_s`` (medians), ``*_mean_s`` (trimmed means), ``*_min_s``, ``reps``.
+    ``bwd_s`` (medians), ``*_mean_s`` (trimmed means), ``*_min_s``, ``reps``,
+    ``clean_reps`` (see ``_round_robin``'s ``drop_preempted``; TP cases communicate, so
+    all their reps count).
     """
     tp = tp_mesh.size() if tp_mesh is not None else 1
     dtype = DTYPES[compute_dtype]
@@ -262,11 +293,13 @@ def probe_compute(cfg: LlamaConfig, *, seq_len: int, compute_dtype: str, mbs_lis
                            "recompute": rc, "mbs": mbs}
                     step = _compute_step(part, model, cfg, mbs=mbs, seq_len=seq_len,
                                          seq_local=seq_local, dtype=dtype, gen=gen)
-                    cases.append(_Case(rec, step, ("fwd", "bwd"), (part, sp, rc), mbs))
+                    cases.append(_Case(rec, step, ("fwd", "bwd"), (part, sp, rc), mbs,
+                                       cpu_bound=tp == 1))
     gc.collect()
     _sync(group)
     return _round_robin(cases, budget_s=budget_s, warmup=warmup, min_reps=min_reps,
-                        max_reps=max_reps, min_points=min_points, group=group)
+                        max_reps=max_reps, min_points=min_points, group=group,
+                        drop_preempted=drop_preempted)
 
 
 # -- optimizer ---------------------------------------------------------------------------------
@@ -343,20 +376,20 @@ def probe_optimizer(cfg: LlamaConfig, optim_cfg: Any, *, budget_s: float,
         max_norm = 0.999 * norm0
 
         def step(params: list = params, opt: Any = opt, max_norm: float = max_norm,
-                 holder: Any = holder) -> tuple[float, float, float]:
-            t0 = time.perf_counter()
+                 holder: Any = holder) -> tuple[float, ...]:
+            c0, t0 = time.thread_time(), time.perf_counter()
             torch.nn.utils.clip_grad_norm_(params, max_norm)
-            t1 = time.perf_counter()
+            c1, t1 = time.thread_time(), time.perf_counter()
             clip_grad_norm_global_(params, max_norm)
-            t2 = time.perf_counter()
+            c2, t2 = time.thread_time(), time.perf_counter()
             opt.step()
-            t3 = time.perf_counter()
-            return t3 - t2, t2 - t1, t1 - t0
+            c3, t3 = time.thread_time(), time.perf_counter()
+            return t3 - t2, t2 - t1, t1 - t0, c3 - c2, c2 - c1, c1 - c0
 
         numel = sum(p.numel() for p in params)
         cases.append(_Case({"probe": "optimizer", "kind": kind, "case": name, "numel": numel,
                             "tensors": len(params)}, step, ("adamw", "clip", "clip_ddp"),
-                           (kind, name), numel))
+                           (kind, name), numel, cpu_bound=True))
     gc.collect()
     _sync(group)
     return _round_robin(cases, budget_s=budget_s, warmup=warmup, min_reps=min_reps,
@@ -472,7 +505,8 @@ def run_probes(cfg: LlamaConfig, *, phase: str, seq_len: int, compute_dtype: str
     common = dict(seq_len=seq_len, compute_dtype=compute_dtype, mbs_list=mbs_list, group=group,
                   max_reps=max_reps)
     if phase == "oversubscribed":
-        timed("block tp1", lambda: probe_compute(cfg, budget_s=budgets["block"], **common))
+        timed("block tp1", lambda: probe_compute(cfg, budget_s=budgets["block"],
+                                                 drop_preempted=False, **common))
         if world > 1:
             timed("collectives", lambda: probe_collectives(
                 sizes=sizes, ops=("all_reduce", "p2p"), budget_s=budgets["collectives"],
