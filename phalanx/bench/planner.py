@@ -33,6 +33,10 @@ a schedule -- pp > 1, tp > 1 or ZeRO -- else DDP):
                   phases are kept apart in `runs`: forward/backward vs activations +
                   buffers, the step's tail vs step_buffers;
     peak          VmHWM over the step minus the baseline, vs the model's total.
+  A primer (the first layout built, stepped and dropped before any baseline) pays the
+  process's one-off costs first (lazy initialisation in torch, gloo, the allocator; its
+  size is `process_overhead_mb`). ZeRO's REDUCE_GRAD runs inside the pipeline runtime, so
+  the model's REDUCE_GRAD step_buffers show up in the measured forward/backward phase.
   Why RSS and not a saved-tensor hook count: the model's `activations` is more than what
   autograd saves (the runtime's held P2P outputs and input gradients, the backward's
   working set, ZeRO's flat buffers, gloo's staging copies made on gloo's own threads), and
@@ -46,6 +50,13 @@ rank correlations between predicted and measured step time: ranking is within on
 measured fastest - 1); `layouts_measured`; `memory_{median,worst}_abs_error_{model_states,
 activations,peak}`; `plan_seconds_llama70b_512` / `plan_seconds_gpt3_3072` (`make_plan`
 wall time in a fresh process, median of runs).
+
+Besides them, labelled so they are never mistaken for the goaled figures: per layout the
+main thread's CPU and run-queue wait per step (`/proc/thread-self/schedstat`: time other
+processes took from a rank), the step minus that wait (`diagnostic_*`), the measured
+phases (forward/backward, the step's tail, compute actions and REDUCE_GRAD from the
+pipeline runtime's events), and `prototype_*`: predictions with corrections to the cost
+model proposed for `phalanx.orchestrator.cost` (`prototype_step_cost`), not the planner's.
 """
 
 from __future__ import annotations
@@ -270,7 +281,21 @@ def ensure_profile(model: str, *, quick: bool, log: Callable[[str], None]) -> di
     return {"kind": "profile", "model": model, "calibrated_now": calibrated,
             "quick": meta.get("quick"), "created_unix": meta.get("created_unix"),
             "load_avg_before": meta.get("load_avg_before"),
-            "oversubscription": (prof.oversubscription or {}).get("compute_factor")}
+            # CPU other processes used meanwhile (calibrate records it): a busy machine
+            # inflates every probe, and every prediction made from them.
+            "other_cpu_cores": meta.get("other_cpu_cores"),
+            "oversubscription": (prof.oversubscription or {}).get("compute_factor"),
+            "block_tp1_none_fwd_bwd_ms": _block_points(prof)}
+
+
+def _block_points(prof: Any) -> dict[str, float]:
+    """The profile's decoder-block fwd + bwd ms per micro-batch size (tp1, no recompute)."""
+    try:
+        fits = prof.compute["block"]["tp1"]["none"]
+    except KeyError:
+        return {}
+    return {str(int(x)): 1e3 * (yf + yb) for (x, yf), (_, yb)
+            in zip(fits["fwd"].points, fits["bwd"].points, strict=True)}
 
 
 @dataclass

@@ -204,6 +204,8 @@ class Controller:
                 if not w.done and cp.has(f"done/{w.rank}"):
                     w.done = True
                 if rc is not None and (rc != 0 or not w.done):
+                    w = self._root_cause(w)
+                    rc = w.proc.returncode
                     return self._fail(w, rc, f"worker rank {w.rank} (pid {w.proc.pid}) "
                                       f"{_describe_exit(rc)}")
                 hb = cp.get(f"hb/{w.rank}")
@@ -247,6 +249,17 @@ class Controller:
                 wandb_run.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
             next_step += 1
         return next_step
+
+    def _root_cause(self, first: _Worker) -> _Worker:
+        """When one worker dies its peers often crash within milliseconds (their collective
+        loses its partner), and polling order decides which exit is seen first. Look again a
+        moment later and blame a worker stopped from outside (killed, terminated) over one
+        that crashed, so the message names the cause, not a consequence."""
+        time.sleep(0.3)
+        dead = [w for w in self.workers if w.proc.poll() not in (None, 0)]
+        external = [w for w in dead if -w.proc.returncode in (signal.SIGKILL, signal.SIGTERM,
+                                                              signal.SIGINT)]
+        return (external or dead or [first])[0]
 
     def _fail(self, w: _Worker, rc: int | None, what: str,
               kind: str = "worker_exit") -> tuple[str, str]:
