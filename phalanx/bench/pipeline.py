@@ -42,11 +42,8 @@ import contextlib
 import gc
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -55,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from phalanx.bench import result_doc
+from phalanx.launch.world import pin, run_world, usable_cores
 
 NAME = "pipeline"
 
@@ -96,81 +94,17 @@ _SHORT = {"1f1b": "1f1b", "interleaved_1f1b": "interleaved"}
 # ------------------------------------------------------------------ parent: launch, collect
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
-
-
 def measure(case: Case, *, world: int, timeout: float = 900.0,
             variants: Sequence[tuple[str, str, int]] = VARIANTS) -> list[dict[str, Any]]:
     """Run every variant at pp=`world` in `world` fresh processes; one raw record per
     (variant, implementation). Raises RuntimeError (with the ranks' log tails) if a rank
     fails or the world is still running after `timeout` seconds; no process outlives it."""
-    try:
-        cores = sorted(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = list(range(os.cpu_count() or 1))
-    pin = world <= len(cores)
-    with tempfile.TemporaryDirectory(prefix="phalanx-bench-") as tmp:
-        tmpdir = Path(tmp)
-        out = tmpdir / "result.json"
-        spec = {"case": asdict(case), "variants": [list(v) for v in variants],
-                "cores": cores if pin else None, "out": str(out),
-                "pg_timeout_s": max(60.0, timeout / 2)}
-        spec_path = tmpdir / "spec.json"
-        spec_path.write_text(json.dumps(spec))
-        port = _free_port()
-        procs: list[subprocess.Popen] = []
-        logs = [tmpdir / f"rank{r}.log" for r in range(world)]
-        try:
-            for r in range(world):
-                env = {**os.environ, "RANK": str(r), "WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                       "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-                with open(logs[r], "w") as log:
-                    procs.append(subprocess.Popen(
-                        [sys.executable, "-m", "phalanx.bench.pipeline", "--worker", str(spec_path)],
-                        env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
-            deadline = time.monotonic() + timeout
-            while any(p.poll() is None for p in procs):
-                failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
-                if failed:
-                    raise RuntimeError(_failure(f"rank(s) {failed} failed", failed, procs, logs))
-                if time.monotonic() > deadline:
-                    stuck = [r for r, p in enumerate(procs) if p.poll() is None]
-                    raise RuntimeError(_failure(f"timed out after {timeout:.0f} s; still running: "
-                                                f"ranks {stuck}", stuck, procs, logs))
-                time.sleep(0.1)
-            failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-            if failed:
-                raise RuntimeError(_failure(f"rank(s) {failed} failed", failed, procs, logs))
-            return json.loads(out.read_text())
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-            for p in procs:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(timeout=30)
-
-
-def _failure(what: str, ranks: Sequence[int], procs: Sequence[subprocess.Popen],
-             logs: Sequence[Path]) -> str:
-    for p in procs:  # stop the others first, so the logs are final
-        if p.poll() is None:
-            p.kill()
-    parts = [f"pipeline bench: {what}"]
-    for r in ranks or range(len(procs)):
-        parts.append(f"--- rank {r} (exit {procs[r].poll()}) ---\n{_tail(logs[r])}")
-    return "\n".join(parts)
+    cores = usable_cores()
+    spec = {"case": asdict(case), "variants": [list(v) for v in variants],
+            "cores": cores if world <= len(cores) else None,
+            "pg_timeout_s": max(60.0, timeout / 2)}
+    return run_world("phalanx.bench.pipeline", spec, world=world, timeout=timeout,
+                     label="pipeline bench")
 
 
 def figures_from(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -219,11 +153,6 @@ def run(*, quick: bool) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ worker: one rank
-
-
-def _pin(cores: Sequence[int] | None, rank: int) -> None:
-    if cores is not None and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {cores[rank]})
 
 
 def _median(xs: Sequence[float]) -> float:
@@ -398,7 +327,7 @@ class _Rank:
 def _worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    _pin(spec["cores"], rank)
+    pin(spec["cores"], rank)
     import torch
     import torch.distributed as dist
 

@@ -16,38 +16,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from phalanx.bench.memory import model_state_bytes
 from phalanx.config import RunConfig
 from phalanx.data import open_tokens
 from phalanx.orchestrator.corpus import corpus_from_dict
 from phalanx.parallel.mesh import Layout
 from phalanx.parallel.pipeline_trainer import PipelineTrainer
-
-
-def model_state_bytes(trainer: PipelineTrainer) -> int:
-    """Resident parameter, gradient and optimizer-state bytes, over unique storages."""
-    seen: dict[int, int] = {}
-
-    def add(t):
-        if t is None:
-            return
-        t = t._local_tensor if isinstance(t, DTensor) else t
-        st = t.untyped_storage()
-        if st.nbytes():
-            seen[st.data_ptr()] = st.nbytes()
-
-    for m in trainer.stages.values():
-        for p in m.parameters():
-            add(p)
-            add(p.grad)
-    for z in trainer.zero.values():
-        for g, _ in z.groups:
-            for t in (g.shard, g.shard.grad, g.full, g.flat_grad):
-                add(t)
-    for state in trainer.optimizer.state.values():
-        for v in state.values():
-            if torch.is_tensor(v) and v.numel() > 1:
-                add(v)
-    return sum(seen.values())
 
 
 def stage_numel(trainer: PipelineTrainer) -> int:
