@@ -10,7 +10,8 @@ loss differs by < 1e-7 and the norm by < 1e-6 relative, so 1e-5 keeps a 10x marg
 still 1000x finer than the loss change between steps (~3e-2) or a wrong gradient scale (2x).
 
 The first DeepSpeed use on a machine JIT-compiles two C++ ops into $TORCH_EXTENSIONS_DIR
-(minutes on 2 cores); .ci/run prebuilds them, and the `ds_ops` fixture does it here once.
+(minutes on 2 cores, once per machine: ~/.cache/phalanx/torch_extensions); the `ds_ops`
+fixture does it here, seconds when cached.
 """
 
 import contextlib

@@ -106,7 +106,7 @@ class _Case:
     step: Callable[[], Sequence[float]]
     phases: tuple[str, ...]  # names of step()'s durations: "fwd", "bwd" -> fwd_s, bwd_s
     series: tuple  # cases of one series form one fit (at least min_points of them are kept)
-    size: float  # dropped largest-first when the budget is short
+    drop_order: float  # when the budget is short, a series' highest drop_order goes first
     # Pure computation on this thread (no communication): step() then returns the phases'
     # wall times followed by their thread CPU times, and a rep during which the thread lost
     # its core (wall time well above CPU time) was slowed by another process.
@@ -121,8 +121,9 @@ def _round_robin(cases: list[_Case], *, budget_s: float, warmup: int, min_reps: 
                  max_reps: int, min_points: int, group: dist.ProcessGroup | None,
                  drop_preempted: bool = True) -> list[Record]:
     """Time ``cases`` round-robin within ``budget_s``: ``warmup`` rounds (the first also
-    estimates each case's time), then as many rounds as the budget allows within
-    [min_reps, max_reps]. Every count is derived from values agreed over ``group``.
+    estimates each case's time, to drop the largest cases when even ``min_reps`` rounds
+    would not fit), then rounds while the next one fits the budget, within [min_reps,
+    max_reps]. Every decision is taken on values agreed over ``group``.
 
     ``drop_preempted``: a pinned rank owns its core in training, so what another tenant of
     a shared machine costs is not the model's. For a ``cpu_bound`` case the statistics
@@ -145,15 +146,15 @@ def _round_robin(cases: list[_Case], *, budget_s: float, warmup: int, min_reps: 
     def round_s() -> float:
         return sum(est[i] for i in active)
 
-    # Drop the most expensive droppable case (the largest size of a series that keeps
-    # min_points) while min_reps more rounds (plus the warm-up left) would not fit.
+    # While min_reps more rounds (plus the warm-up left) would not fit, drop the most
+    # expensive of the cases first in their series' drop order (series keep min_points).
     while (min_reps + warmup - 1) * round_s() > budget_s - spent:
         counts: dict[tuple, int] = {}
         for i in active:
             counts[cases[i].series] = counts.get(cases[i].series, 0) + 1
         droppable = [i for i in active if counts[cases[i].series] > min_points
-                     and cases[i].size == max(cases[j].size for j in active
-                                              if cases[j].series == cases[i].series)]
+                     and cases[i].drop_order == max(cases[j].drop_order for j in active
+                                                    if cases[j].series == cases[i].series)]
         if not droppable:
             break
         active.remove(max(droppable, key=lambda i: est[i]))
@@ -165,12 +166,17 @@ def _round_robin(cases: list[_Case], *, budget_s: float, warmup: int, min_reps: 
             t_round.append(time.perf_counter() - t0)
         for i, t in zip(active, _agree(t_round, group), strict=True):
             est[i] = t  # warm estimates
-    (left,) = _agree([budget_s - (time.perf_counter() - start)], group)
-    n = max(min_reps, min(max_reps, int(left / max(round_s(), 1e-9))))
     samples: dict[int, list[Sequence[float]]] = {i: [] for i in active}
-    for _ in range(n):
+    n, last = 0, round_s()
+    while n < max_reps:
+        elapsed, next_s = _agree([time.perf_counter() - start, last], group)
+        if n >= min_reps and elapsed + next_s > budget_s:
+            break
+        t0 = time.perf_counter()
         for i in active:
             samples[i].append(cases[i].step())
+        n += 1
+        last = time.perf_counter() - t0
     out = []
     for i in active:
         c = cases[i]
@@ -293,6 +299,7 @@ def probe_compute(cfg: LlamaConfig, *, seq_len: int, compute_dtype: str, mbs_lis
                            "recompute": rc, "mbs": mbs}
                     step = _compute_step(part, model, cfg, mbs=mbs, seq_len=seq_len,
                                          seq_local=seq_local, dtype=dtype, gen=gen)
+                    # The largest micro-batches go first (layouts use the small ones most).
                     cases.append(_Case(rec, step, ("fwd", "bwd"), (part, sp, rc), mbs,
                                        cpu_bound=tp == 1))
     gc.collect()
@@ -422,7 +429,12 @@ def probe_collectives(*, sizes: Sequence[int], ops: Sequence[str] = COLLECTIVE_O
     elem = torch.tensor([], dtype=dtype).element_size()
     peer = ranks[me ^ 1] if me ^ 1 < n else None
     cases: list[_Case] = []
-    for nbytes in sorted(set(sizes)):
+    sizes = sorted(set(sizes))
+    # Short of budget, drop middle sizes first (largest first among them): the smallest
+    # size pins alpha and the largest beta.
+    drop_order = {b: (0 if k == 0 else 1 if k == len(sizes) - 1 else 1 + k)
+                  for k, b in enumerate(sizes)}
+    for nbytes in sizes:
         numel = max(n, nbytes // elem)
         numel -= numel % n
         full = torch.full((numel,), 1e-3, dtype=dtype)
@@ -464,7 +476,7 @@ def probe_collectives(*, sizes: Sequence[int], ops: Sequence[str] = COLLECTIVE_O
 
             rec = {"probe": "collective", "op": op + op_suffix, "group_size": n,
                    "bytes": numel * elem, "dtype": str(dtype).removeprefix("torch.")}
-            cases.append(_Case(rec, step, ("",), (op,), nbytes))
+            cases.append(_Case(rec, step, ("",), (op,), drop_order[nbytes]))
     _sync(group)
     out = _round_robin(cases, budget_s=budget_s, warmup=warmup, min_reps=min_reps,
                        max_reps=max_reps, min_points=min_points, group=group)
