@@ -95,10 +95,11 @@ def _records(*, ratio: float = 2.0) -> tuple[list[dict], list[dict]]:
     pinned.append({"probe": "skipped", "what": "tp2", "reason": "heads", "rank": 0})
     for rank in range(4):
         for mbs in (1, 2):
-            fwd = (0.5e-3 + 3.5e-3 * mbs) * ratio
+            fwd = (0.5e-3 + 3.5e-3 * mbs) * ratio * 1.25  # others took a share too
+            cpu = (0.5e-3 + 3.5e-3 * mbs) * ratio / 2  # the share 2 ranks per core give
             over.append({"probe": "block", "variant": "tp1", "tp": 1, "sp": False,
                          "recompute": "none", "mbs": mbs, "fwd_s": fwd, "bwd_s": 2 * fwd,
-                         "rank": rank})
+                         "fwd_cpu_s": cpu, "bwd_cpu_s": 2 * cpu, "rank": rank})
         for n in SIZES[:3]:
             over.append({"probe": "collective", "op": "all_reduce", "group_size": 4, "bytes": n,
                          "s": 1e-3 + n / 1e9, "mean_s": 1e-3 + n / 1e9, "rank": rank})
@@ -130,6 +131,7 @@ def test_build_profile_fits_records_and_round_trips_through_json():
     assert prof.optimizer["adamw_flat"].per_tensor_s == 0.0
     o = prof.oversubscription
     assert o["compute_factor"] == pytest.approx(2.0) and o["ranks_per_core"] == 2.0
+    assert o["measured_factor"] == pytest.approx(2.5)
     assert o["collectives"]["all_reduce"].group_size == 4
     assert prof.meta["skipped"] == {"tp2": "heads"} and prof.meta["quick"] is True
 

@@ -67,7 +67,7 @@ class ComputeModel(Protocol):
 
     def head(self, mbs: int, *, tp: int) -> tuple[float, float]: ...
 
-    def optimizer(self, numel: float) -> float: ...
+    def optimizer(self, numel: float, *, tensors: int, sharded: bool) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ class FlopCompute:
         fwd = 2 * self.config.vocab_size * self.config.hidden_size * mbs * self.seq_len / tp
         return fwd / self._rate(), 2 * fwd / self._rate()
 
-    def optimizer(self, numel: float) -> float:
+    def optimizer(self, numel: float, *, tensors: int, sharded: bool) -> float:
         return 16 * numel / self.optimizer_Bps
 
 
@@ -131,8 +131,14 @@ class ProfileCompute:
     def head(self, mbs: int, *, tp: int) -> tuple[float, float]:
         return self._part("head", mbs, tp)
 
-    def optimizer(self, numel: float) -> float:
-        return self.profile.optimizer["adamw_flat"].time(numel, 1)
+    def optimizer(self, numel: float, *, tensors: int, sharded: bool) -> float:
+        # Without ZeRO AdamW walks the parameter list (per-tensor cost); ZeRO steps one flat
+        # shard, whose cost is not linear in size (interpolate the measured points). Clipping
+        # is measured the same two ways.
+        opt = self.profile.optimizer
+        if sharded:
+            return opt["adamw_flat"].interp(numel) + opt["clip_flat"].interp(numel)
+        return opt["adamw"].time(numel, tensors) + opt["clip"].time(numel, tensors)
 
 
 # ---------------------------------------------------------------------------- collectives
@@ -281,7 +287,8 @@ def step_cost(config: LlamaConfig, cand: Candidate, *, seq_len: int, global_batc
     opt_numel = stage_params / (n if cand.zero_stage else 1)
     over = _oversubscription(hw, cand)
     return StepCost(compute=compute_time * over, bubble=bubble * over, pp_comm=pp_comm,
-                    tp_comm=tp_comm, dp_comm=dp, optimizer=compute.optimizer(opt_numel) * over,
+                    tp_comm=tp_comm, dp_comm=dp, optimizer=compute.optimizer(
+                        opt_numel, tensors=9 * v * layers + 3, sharded=cand.zero_stage > 0) * over,
                     bubble_fraction=frac)
 
 

@@ -131,7 +131,8 @@ def _round_robin(cases: list[_Case], *, budget_s: float, warmup: int, min_reps: 
     them, and 3, did); when the core was shared all along, they use the thread's CPU
     time instead of the wall time (``timing: "cpu"`` in the record; ``clean_reps`` says
     how many reps kept their core). Off where losing the core is the point (the
-    oversubscribed world).
+    oversubscribed world). ``cpu_bound`` records also carry ``<phase>_cpu_s``, the median
+    thread CPU time over all reps.
     """
     start = time.perf_counter()
     # Round 1 is warm-up and estimate at once: each case's time, agreed over the group.
@@ -195,6 +196,8 @@ def _round_robin(cases: list[_Case], *, budget_s: float, warmup: int, min_reps: 
             rec[f"{name}_s"] = statistics.median(col)
             rec[f"{name}_mean_s"] = trimmed_mean(col)
             rec[f"{name}_min_s"] = min(col)
+            if c.cpu_bound:
+                rec[f"{name}_cpu_s"] = statistics.median(x[k + j] for x in samples[i])
         rec["reps"] = n
         rec["timing"] = timing
         out.append(rec)
