@@ -378,13 +378,10 @@ def prototype_step_cost(pred: Predictor, cand: Any) -> dict[str, Any]:
        sizes scale the fit's per-byte term by the ring factor.
     2. No overlap credit for DDP's all-reduce: with one core per rank, gloo's copies and
        reductions run on the core the backward runs on.
-    3. The optimizer step as the trainers run it: model-held parameter lists (no ZeRO) use the
-       per-tensor `adamw` fit and `clip` / `clip_ddp`; ZeRO's flat shards `adamw_flat` and
-       `clip_flat`.
-    4. More ranks than cores: a pipeline's bubble is not idle time scaled by the
+    3. More ranks than cores: a pipeline's bubble is not idle time scaled by the
        oversubscription factor -- a waiting rank hands its core to another -- so only the part
        of the bubble the sharing cannot fill counts: max(0, compute + bubble - compute x over).
-    Everything else (compute, P2P, TP) is step_cost's.
+    Everything else (compute, P2P, TP, the optimizer and clipping) is step_cost's.
     """
     from phalanx.orchestrator.cost import _layer_params, _oversubscription, step_cost
 
@@ -397,8 +394,7 @@ def prototype_step_cost(pred: Predictor, cand: Any) -> dict[str, Any]:
     ops = prof.collectives.get("intra", {})
     c, v, t = pred.config, cand.vpp, cand.tp
     layers = c.num_hidden_layers // (cand.pp * v)
-    stage_params = v * layers * _layer_params(c) / t + c.vocab_size * c.hidden_size / t
-    grad_b = stage_params * 4
+    grad_b = 4 * (v * layers * _layer_params(c) / t + c.vocab_size * c.hidden_size / t)
 
     def op(name: str, nbytes: float, n: int, ring: float) -> float:
         if n <= 1:
@@ -420,31 +416,17 @@ def prototype_step_cost(pred: Predictor, cand: Any) -> dict[str, Any]:
         dp_comm = (op("reduce_scatter_tensor", grad_b, n, (n - 1) / n)
                    + op("all_gather_into_tensor", grad_b, n, (n - 1) / n))
     if math.isfinite(dp_comm):
-        applied.append("collectives from the profile's op fits")
+        applied.append("collectives from the profile's op fits, no DDP overlap credit")
     else:
         dp_comm = cost.dp_comm
-    opt = prof.optimizer
     over = _oversubscription(pred.hw, cand)
-    if cand.zero_stage and "adamw_flat" in opt and "clip_flat" in opt:
-        numel = stage_params / n
-        optimizer = (opt["adamw_flat"].interp(numel) + opt["clip_flat"].interp(numel)) * over
-        applied.append("optimizer + clip: flat-shard fits")
-    elif not cand.zero_stage and "adamw" in opt:
-        tensors = v * layers * 9 + 2 + (1 if cand.pp == 1 else 0)
-        clip = opt.get("clip_ddp" if cand.pp == 1 and t == 1 else "clip")
-        optimizer = (opt["adamw"].time(stage_params, tensors)
-                     + (clip.time(stage_params, tensors) if clip else 0.0)) * over
-        applied.append("optimizer + clip: parameter-list fits")
-    else:
-        optimizer = cost.optimizer
     bubble = cost.bubble
     if over > 1:
         pinned_compute, pinned_bubble = cost.compute / over, cost.bubble / over
         bubble = max(0.0, pinned_compute + pinned_bubble - cost.compute)
         applied.append("oversubscribed: bubble filled by the ranks sharing a core")
-    total = (cost.compute + bubble + cost.pp_comm + cost.tp_comm + dp_comm + optimizer)
-    return {"step_s": total, "dp_comm": dp_comm, "optimizer": optimizer, "bubble": bubble,
-            "applied": applied}
+    total = (cost.compute + bubble + cost.pp_comm + cost.tp_comm + dp_comm + cost.optimizer)
+    return {"step_s": total, "dp_comm": dp_comm, "bubble": bubble, "applied": applied}
 
 
 def choose_layouts(pred: Predictor, specs: Sequence[tuple[str, Mapping[str, Any]]], *,
