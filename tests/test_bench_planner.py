@@ -70,6 +70,9 @@ def test_tiny_measurement_through_the_world_has_the_schema():
                        extra_overrides=FIGURES, log=lambda _msg: None)
     info, layouts = rows[0], rows[1:]
     assert info["kind"] == "planner" and info["first_choice"]
+    # the machine's speed now, by calibration's block probe (no profile here: no ratio)
+    assert info["speed_check"]["before_mbs1"]["now_ms"] > 0
+    assert set(info["during_timing"]) == {"other_cpu_cores", "steal_cores"}
     assert [r["name"] for r in layouts] == ["planner_top", "pp2_1f1b"]
     assert layouts[0]["planner_rank"] == 1 and layouts[0]["trainer"] == "DataParallelTrainer"
     assert layouts[1]["trainer"] == "PipelineTrainer"

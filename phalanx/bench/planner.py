@@ -55,8 +55,8 @@ Besides them, labelled so they are never mistaken for the goaled figures: per la
 main thread's CPU and run-queue wait per step (`/proc/thread-self/schedstat`: time other
 processes took from a rank), the step minus that wait (`diagnostic_*`), the measured
 phases (forward/backward, the step's tail, compute actions and REDUCE_GRAD from the
-pipeline runtime's events), and `prototype_*`: predictions with corrections to the cost
-model proposed for `phalanx.orchestrator.cost` (`prototype_step_cost`), not the planner's.
+pipeline runtime's events), and the machine's speed at measurement time against the
+profile's (`speed_check`: calibration's block probe run before and after the timed steps).
 """
 
 from __future__ import annotations
@@ -223,19 +223,16 @@ def figures_from(rows: Sequence[Mapping[str, Any]], *,
         if es:
             figs[f"memory_median_abs_error_{cat}"] = statistics.median(es)
             figs[f"memory_worst_abs_error_{cat}"] = max(es)
-    # Diagnostics beside the goaled figures (labelled; see layout_rows / prototype_step_cost).
+    # Diagnostics beside the goaled figures (labelled; see layout_rows).
     diag = [abs(rel_error(r["predicted_step_s"], r["diagnostic_step_s_minus_runq_wait"]))
             for r in goaled if "diagnostic_step_s_minus_runq_wait" in r]
     if diag:
         figs["diagnostic_median_abs_error_vs_step_minus_runq_wait"] = statistics.median(diag)
-    proto = [r for r in goaled if "prototype" in r]
-    if proto:
-        pe = [abs(rel_error(r["prototype"]["step_s"], r["measured_step_s"])) for r in proto]
-        figs["prototype_median_abs_error"] = statistics.median(pe)
-        figs["prototype_worst_abs_error"] = max(pe)
-        figs["prototype_spearman"] = min(
-            spearman([r["prototype"]["step_s"] for r in proto if r["model"] == m],
-                     [r["measured_step_s"] for r in proto if r["model"] == m]) for m in models)
+    for r in rows:
+        sc = r.get("speed_check") or {}
+        if r.get("kind") == "planner" and r["world"] == 2 and "ratio_before" in sc:
+            figs[f"diagnostic_machine_slowdown_vs_profile_{r['model']}"] = statistics.fmean(
+                [sc["ratio_before"], sc.get("ratio_after", sc["ratio_before"])])
     over = [r for r in rows if r.get("kind") == "layout" and r["world"] != 2]
     if over:
         figs["median_abs_error_4rank"] = statistics.median(abs(r["step_error"]) for r in over)
@@ -365,68 +362,6 @@ class Predictor:
         return {"step_s": cost.total, "cost": cost.to_dict(), "oversubscription": over,
                 "step_s_without_oversubscription": cost.total - scaled * (1 - 1 / over),
                 "memory_per_pp_rank": [m.to_dict() for m in mem]}
-
-
-def prototype_step_cost(pred: Predictor, cand: Any) -> dict[str, Any]:
-    """PROTOTYPE corrections to `phalanx.orchestrator.cost.step_cost`, NOT the planner's model:
-    shown beside its predictions so their effect can be judged (see the report).
-
-    1. Data-parallel / ZeRO collectives from the profile's own fits of the ops the trainers
-       issue (all_reduce, reduce_scatter_tensor, all_gather_into_tensor: gloo on CPU copies
-       and reduces on the CPU, nothing like a bandwidth-optimal ring over the P2P link)
-       instead of ring formulas over the P2P fit. Group size 2 is what is calibrated; other
-       sizes scale the fit's per-byte term by the ring factor.
-    2. No overlap credit for DDP's all-reduce: with one core per rank, gloo's copies and
-       reductions run on the core the backward runs on.
-    3. More ranks than cores: a pipeline's bubble is not idle time scaled by the
-       oversubscription factor -- a waiting rank hands its core to another -- so only the part
-       of the bubble the sharing cannot fill counts: max(0, compute + bubble - compute x over).
-    Everything else (compute, P2P, TP, the optimizer and clipping) is step_cost's.
-    """
-    from phalanx.orchestrator.cost import _layer_params, _oversubscription, step_cost
-
-    cost = step_cost(pred.config, cand, seq_len=pred.seq_len, global_batch=pred.global_batch,
-                     hw=pred.hw, compute=pred.compute, act_bytes=pred.dtypes.activation,
-                     simulate_bubble=True, tp_in_compute=pred.tp_in)
-    prof = getattr(pred.compute, "profile", None)
-    if prof is None:
-        return {"step_s": cost.total, "applied": []}
-    ops = prof.collectives.get("intra", {})
-    c, v, t = pred.config, cand.vpp, cand.tp
-    layers = c.num_hidden_layers // (cand.pp * v)
-    grad_b = 4 * (v * layers * _layer_params(c) / t + c.vocab_size * c.hidden_size / t)
-
-    def op(name: str, nbytes: float, n: int, ring: float) -> float:
-        if n <= 1:
-            return 0.0
-        f = ops.get(name)
-        if f is None:
-            return math.nan
-        scale = ring / (0.5 if name != "all_reduce" else 1.0)  # the fit is of n = 2
-        return f.alpha_s * (n - 1) + nbytes / f.beta_bytes_per_s * scale
-
-    n, dp = cand.dp_shard, cand.dp
-    applied = []
-    if cand.zero_stage == 0:
-        dp_comm = op("all_reduce", grad_b, dp, 2 * (dp - 1) / dp)
-    elif cand.zero_stage == 1:
-        dp_comm = (op("all_reduce", grad_b, n, 2 * (n - 1) / n)
-                   + op("all_gather_into_tensor", grad_b, n, (n - 1) / n))
-    else:
-        dp_comm = (op("reduce_scatter_tensor", grad_b, n, (n - 1) / n)
-                   + op("all_gather_into_tensor", grad_b, n, (n - 1) / n))
-    if math.isfinite(dp_comm):
-        applied.append("collectives from the profile's op fits, no DDP overlap credit")
-    else:
-        dp_comm = cost.dp_comm
-    over = _oversubscription(pred.hw, cand)
-    bubble = cost.bubble
-    if over > 1:
-        pinned_compute, pinned_bubble = cost.compute / over, cost.bubble / over
-        bubble = max(0.0, pinned_compute + pinned_bubble - cost.compute)
-        applied.append("oversubscribed: bubble filled by the ranks sharing a core")
-    total = (cost.compute + bubble + cost.pp_comm + cost.tp_comm + dp_comm + cost.optimizer)
-    return {"step_s": total, "dp_comm": dp_comm, "bubble": bubble, "applied": applied}
 
 
 def choose_layouts(pred: Predictor, specs: Sequence[tuple[str, Mapping[str, Any]]], *,
@@ -559,10 +494,30 @@ class _Phases:
         _Phases.current = None
 
 
+def _speed_check(run_dict: Mapping[str, Any], rank: int, when: str) -> list[dict[str, Any]]:
+    """DIAGNOSTIC: calibration's own block probe (tp1, no recompute) run now, so the
+    machine's speed at measurement time can be compared with the profile's: a shared host
+    drifts, and a uniform drift shifts every prediction alike."""
+    import torch.distributed as dist
+
+    from phalanx.config import RunConfig
+    from phalanx.parallel.data_parallel import model_config
+    from phalanx.parallel.profile import probe_compute
+
+    run = RunConfig.from_dict(run_dict)
+    recs = probe_compute(model_config(run), seq_len=run.trainer.seq_len,
+                         compute_dtype=run.precision.compute, mbs_list=[1, 2], budget_s=3.0,
+                         group=dist.group.WORLD, max_reps=9)
+    return [{"name": "_speed_check", "when": when, "rank": rank, "mbs": r["mbs"],
+             "fwd_bwd_s": r["fwd_s"] + r["bwd_s"]} for r in recs]
+
+
 def _time_worker(spec: Mapping[str, Any], rank: int, tokens: Any) -> list[dict[str, Any]]:
     import torch.distributed as dist
 
     variants = spec["variants"]
+    pinned = bool(spec.get("cores"))  # on shared cores the probe would time the sharing
+    checks = _speed_check(variants[0]["run"], rank, "before") if pinned else []
     trainers = [_build(v, rank, tokens) for v in variants]
     marks: dict[str, float] = {}
     phases = [_Phases(tr, lambda n: marks.__setitem__(n, time.perf_counter())) for tr in trainers]
@@ -602,7 +557,9 @@ def _time_worker(spec: Mapping[str, Any], rank: int, tokens: Any) -> list[dict[s
     load1 = os.getloadavg()
     for r in out:
         r["load_before"], r["load_after"] = load0, load1
-    return out
+    del trainers, phases
+    gc.collect()
+    return out + checks + (_speed_check(variants[0]["run"], rank, "after") if pinned else [])
 
 
 def _memory_worker(spec: Mapping[str, Any], rank: int, tokens: Any) -> list[dict[str, Any]]:
@@ -709,6 +666,26 @@ def _env(extra: Mapping[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _cpu_ticks() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine so far (/proc/stat): busy is every
+    process's, ours included; steal is time the hypervisor ran something else on our vCPUs,
+    which the guest's run-queue accounting never sees."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return math.nan, math.nan
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(v) - v[3] - v[4] - v[7]) / hz, v[7] / hz
+
+
+def _own_cpu() -> float:
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def measure(variants: Sequence[Mapping[str, Any]], *, world: int, warmup: int, reps: int,
             label: str, timeout: float = 3600) -> dict[str, Any]:
     """Time and memory records of `variants` in worlds of `world` ranks: pinned one per core
@@ -718,11 +695,17 @@ def measure(variants: Sequence[Mapping[str, Any]], *, world: int, warmup: int, r
     cores = usable_cores()
     placement = ({"cores": cores} if len(cores) >= world else {"core_set": cores[:2]})
     load = [os.getloadavg()]
+    busy0, steal0 = _cpu_ticks()
+    own0 = _own_cpu()
     t0 = time.perf_counter()
     timing = run_world("phalanx.bench.planner", {"mode": "time", "variants": list(variants),
                                                  "warmup": warmup, "reps": reps, **placement},
                        world=world, timeout=timeout, label=f"{label}: time")
     t_time = time.perf_counter() - t0
+    busy1, steal1 = _cpu_ticks()
+    # While the timing world ran: cores' worth of CPU other processes used, and of steal.
+    machine = {"other_cpu_cores": max(0.0, (busy1 - busy0) - (_own_cpu() - own0)) / t_time,
+               "steal_cores": (steal1 - steal0) / t_time}
     load.append(os.getloadavg())
     with _env(MEMORY_ENV):
         memory = run_world("phalanx.bench.planner", {"mode": "memory", "variants": list(variants),
@@ -730,6 +713,7 @@ def measure(variants: Sequence[Mapping[str, Any]], *, world: int, warmup: int, r
                            world=world, timeout=timeout, label=f"{label}: memory")
     load.append(os.getloadavg())
     return {"timing": timing, "memory": memory, "load": load, "time_world_s": t_time,
+            "during_timing": machine,
             "placement": "pinned one per core" if "cores" in placement
             else f"{world} ranks sharing cores {placement['core_set']}"}
 
@@ -814,7 +798,6 @@ def layout_rows(pred: Predictor, chosen: Sequence[tuple[str, Any]], measured: Ma
                                 "runq_wait_s": _median_step(t, "runq_wait_s")},
             "measured_phases_per_rank": _per_rank_medians(t),
             "diagnostic_step_s_minus_runq_wait": _runq_corrected(t),
-            "prototype": prototype_step_cost(pred, cand),
             "steps_s": [max(r["step_s"] for r in t if r["rep"] == k)
                         for k in sorted({r["rep"] for r in t})],
             "memory": mem, "placement": measured["placement"],
@@ -845,6 +828,7 @@ def bench_model(model: str, *, world: int, specs: Sequence[tuple[str, Mapping[st
     measured = measure(variants, world=world, warmup=warmup, reps=reps,
                        label=f"bench planner {model} world={world}")
     rows = layout_rows(pred, chosen, measured, model=model, planner_first=top)
+    speed = speed_vs_profile(pred, measured["timing"])
     info = {"kind": "planner", "model": model, "world": world, "plan_s": plan_s,
             "first_choice": top.short() if top is not None else None,
             "first_choice_predicted_s": result.top[0].cost.total if top is not None else None,
@@ -854,6 +838,7 @@ def bench_model(model: str, *, world: int, specs: Sequence[tuple[str, Mapping[st
                          "cores_per_node": pred.hw.cores_per_node,
                          "oversubscription": pred.hw.oversubscription},
             "time_world_s": measured["time_world_s"], "load": measured["load"],
+            "during_timing": measured["during_timing"], "speed_check": speed,
             "process_overhead_mb": [r["process_overhead"] / MB for r in measured["memory"]
                                     if r["name"] == "_primer"]}
     for r in rows:
@@ -861,6 +846,28 @@ def bench_model(model: str, *, world: int, specs: Sequence[tuple[str, Mapping[st
             f"{r['measured_step_s']:.3f} s ({r['step_error']:+.1%}); peak "
             f"{r['memory']['peak']['predicted_mb']:.0f} vs {r['memory']['peak']['measured_mb']:.0f} MB")
     return [info, *rows]
+
+
+def speed_vs_profile(pred: Predictor, timing: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The block probe's fwd + bwd now (least disturbed rank, as calibration takes it) over
+    the profile's, before and after the timed steps: > 1 means this machine ran slower than
+    when it was calibrated."""
+    out: dict[str, Any] = {}
+    prof = getattr(pred.compute, "profile", None)
+    for when in ("before", "after"):
+        recs = [r for r in timing if r["name"] == "_speed_check" and r["when"] == when]
+        ratios = []
+        for mbs in sorted({r["mbs"] for r in recs}):
+            now = min(r["fwd_bwd_s"] for r in recs if r["mbs"] == mbs)
+            entry = {"now_ms": now * 1e3}
+            if prof is not None:
+                then = (prof.compute_time("block", "fwd", mbs) + prof.compute_time("block", "bwd", mbs))
+                entry.update(profile_ms=then * 1e3, ratio=now / then)
+                ratios.append(now / then)
+            out[f"{when}_mbs{mbs}"] = entry
+        if ratios:
+            out[f"ratio_{when}"] = statistics.median(ratios)
+    return out
 
 
 def plan_seconds(overrides: Sequence[str], *, reps: int) -> list[float]:

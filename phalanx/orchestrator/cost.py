@@ -13,7 +13,16 @@ What the model assumes about our implementation (so it predicts what runs):
   forward and 2 in backward, or all-gather + reduce-scatter pairs with SP;
 - DP/ZeRO reductions happen at REDUCE_GRAD after a stage's last backward and
   are not hidden (only DDP, for pp = tp = 1 without ZeRO, overlaps its bucket
-  all-reduce with backward);
+  all-reduce with backward, and only where communication has its own engine:
+  on a CPU core gloo's copies and reductions run on the core the backward runs on);
+- a calibrated profile's own fits of the collectives the trainers issue
+  (all_reduce, reduce_scatter_tensor, all_gather_into_tensor) price DP/ZeRO
+  within a machine: gloo on CPU copies and reduces on the CPU, nothing like a
+  bandwidth-optimal ring over the P2P link;
+- with more ranks than cores, a pipeline rank waiting in its bubble hands its
+  core to another, so the bubble costs only what the sharing cannot fill
+  (bench planner measured this; scaling idle time by the oversubscription
+  factor over-predicted deep pipelines);
 - ZeRO-1/2 all-gather the updated parameters after the optimizer step,
   ZeRO-3 gathers each stage's parameters at UNSHARD; offload is not modelled.
 """
@@ -69,6 +78,13 @@ class ComputeModel(Protocol):
 
     def optimizer(self, numel: float, *, tensors: int, sharded: bool) -> float: ...
 
+    def collective(self, op: str, nbytes: float, n: int) -> float | None:
+        """Measured seconds of `op` over `n` ranks of one machine, or None (use the link)."""
+        ...
+
+    @property
+    def comm_overlaps_compute(self) -> bool: ...
+
 
 @dataclass(frozen=True)
 class FlopCompute:
@@ -107,6 +123,13 @@ class FlopCompute:
     def optimizer(self, numel: float, *, tensors: int, sharded: bool) -> float:
         return 16 * numel / self.optimizer_Bps
 
+    def collective(self, op: str, nbytes: float, n: int) -> float | None:
+        return None
+
+    @property
+    def comm_overlaps_compute(self) -> bool:
+        return True  # GPUs: NCCL runs on its own stream and SMs
+
 
 @dataclass(frozen=True)
 class ProfileCompute:
@@ -139,6 +162,23 @@ class ProfileCompute:
         if sharded:
             return opt["adamw_flat"].interp(numel) + opt["clip_flat"].interp(numel)
         return opt["adamw"].time(numel, tensors) + opt["clip"].time(numel, tensors)
+
+    def collective(self, op: str, nbytes: float, n: int) -> float | None:
+        """The fit is of a 2-rank group; other sizes scale its per-byte term by the ring
+        factor (bytes each rank moves relative to n = 2) and its latency by the steps."""
+        if n <= 1:
+            return 0.0
+        fit = self.profile.collectives.get("intra", {}).get(op)
+        if fit is None:
+            return None
+        ring = 2 * (n - 1) / n if op == "all_reduce" else (n - 1) / n
+        base = 1.0 if op == "all_reduce" else 0.5
+        return fit.alpha_s * (n - 1) + nbytes / fit.beta_bytes_per_s * ring / base
+
+    @property
+    def comm_overlaps_compute(self) -> bool:
+        # A CPU rank (gloo) has no separate engine to overlap with; NCCL on a GPU does.
+        return self.profile.machine.get("device") == "cuda"
 
 
 # ---------------------------------------------------------------------------- collectives
@@ -272,21 +312,32 @@ def step_cost(config: LlamaConfig, cand: Candidate, *, seq_len: int, global_batc
     shard_link = hw.link(t * cand.dp_shard)
     rep_link = hw.link(cand.world_size)
     n, r = cand.dp_shard, cand.dp_replicate
+
+    def coll(op: str, link: Link, nbytes: float, size: int) -> float:
+        measured = compute.collective(op, nbytes, size) if link is hw.intra else None
+        if measured is not None:
+            return measured
+        return (all_reduce if op == "all_reduce" else all_gather)(link, nbytes, size)
+
     if cand.zero_stage == 0:
-        dp = all_reduce(hw.link(cand.world_size), grad_b, cand.dp)
-        if p == 1 and t == 1:
+        dp = coll("all_reduce", rep_link, grad_b, cand.dp)
+        if p == 1 and t == 1 and compute.comm_overlaps_compute:
             dp = max(0.0, dp - 0.5 * m * slowest)  # DDP overlaps buckets with backward
     elif cand.zero_stage == 1:
-        dp = all_reduce(shard_link, grad_b, n) + all_gather(shard_link, grad_b, n)
-    elif cand.zero_stage == 2:
-        dp = reduce_scatter(shard_link, grad_b, n) + all_gather(shard_link, grad_b, n)
-    else:
-        dp = reduce_scatter(shard_link, grad_b, n) + all_gather(shard_link, grad_b, n)
+        dp = (coll("all_reduce", shard_link, grad_b, n)
+              + coll("all_gather_into_tensor", shard_link, grad_b, n))
+    else:  # 2 and 3 reduce-scatter; 1-2 gather after the step, 3 at UNSHARD: once a step
+        dp = (coll("reduce_scatter_tensor", shard_link, grad_b, n)
+              + coll("all_gather_into_tensor", shard_link, grad_b, n))
     if cand.zero_stage and r > 1:
-        dp += all_reduce(rep_link, grad_b / n, r)
+        dp += coll("all_reduce", rep_link, grad_b / n, r)
     opt_numel = stage_params / (n if cand.zero_stage else 1)
     over = _oversubscription(hw, cand)
-    return StepCost(compute=compute_time * over, bubble=bubble * over, pp_comm=pp_comm,
+    # Oversubscribed: ranks sharing a core fill each other's bubbles; only the idle time the
+    # sharing cannot fill remains (total pinned time stretched to the shared cores' time).
+    shared_bubble = (max(0.0, compute_time + bubble - compute_time * over) if over > 1
+                     else bubble)
+    return StepCost(compute=compute_time * over, bubble=shared_bubble, pp_comm=pp_comm,
                     tp_comm=tp_comm, dp_comm=dp, optimizer=compute.optimizer(
                         opt_numel, tensors=9 * v * layers + 3, sharded=cand.zero_stage > 0) * over,
                     bubble_fraction=frac)
