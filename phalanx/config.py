@@ -157,6 +157,27 @@ class FaultConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    # Snapshot into host memory every N steps (0: never); the copy overlaps the next
+    # forward/backward and the next optimizer step waits for it.
+    memory_every: int = 0
+    # Persist every N steps (0: never) in a background process; a multiple of memory_every
+    # when that is set (disk writes the latest memory snapshot).
+    disk_every: int = 0
+    # Send each snapshot to a buddy worker's memory too (another node / stage where possible).
+    peer: bool = True
+    # Disk retention: the newest keep_last, plus every step that is a multiple of keep_every.
+    keep_last: int = 2
+    keep_every: int = 0
+    # Where checkpoints go; None: RUN_DIR/checkpoints.
+    dir: str | None = None
+    # Start from a checkpoint: "latest" (newest verified under dir) or a checkpoint path.
+    resume: str | None = None
+    # Seconds a background write may take before it is abandoned (left invisible).
+    persist_timeout_s: float = 600.0
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -167,6 +188,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @property
     def world_size(self) -> int:
@@ -252,6 +274,21 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _require(t.seq_len <= m.max_position_embeddings,
              f"trainer.seq_len={t.seq_len} exceeds model.max_position_embeddings="
              f"{m.max_position_embeddings}; shorten the sequence or raise the model's limit.")
+
+    ck = run.checkpoint
+    for key in ("memory_every", "disk_every", "keep_every"):
+        _require(getattr(ck, key) >= 0, f"checkpoint.{key}={getattr(ck, key)} must be >= 0 "
+                 "(0 turns that level off).")
+    _require(ck.keep_last >= 1, f"checkpoint.keep_last={ck.keep_last}: keep at least 1 "
+             "checkpoint on disk, or turn disk checkpoints off with checkpoint.disk_every=0.")
+    _require(not (ck.memory_every and ck.disk_every) or ck.disk_every % ck.memory_every == 0,
+             f"checkpoint.disk_every={ck.disk_every} is not a multiple of checkpoint.memory_every="
+             f"{ck.memory_every}: disk persists a memory snapshot, so set disk_every to a multiple "
+             "of memory_every (or memory_every=0 to snapshot only for disk).")
+    _require(not ((ck.memory_every or ck.disk_every or ck.resume)
+                  and run.parallel.zero.backend == "deepspeed"),
+             "checkpoint.* with parallel.zero.backend=deepspeed: DeepSpeed keeps its own "
+             "checkpoint format; use parallel.zero.backend=torch for phalanx checkpoints.")
 
     # Layout. ZeRO shards within dp_shard; dp_replicate holds full copies (HSDP).
     z = p.zero

@@ -86,7 +86,7 @@ def main() -> int:
     from phalanx.orchestrator.control_plane import ControlPlane, connect
     from phalanx.orchestrator.corpus import corpus_from_dict
     from phalanx.orchestrator.plan import Plan
-    from phalanx.parallel.data_parallel import DataParallelTrainer
+    from phalanx.parallel.factory import build_trainer
 
     store = connect(host, port, timeout_s=60)
     cp = ControlPlane(store, token=token, generation=generation)
@@ -113,18 +113,8 @@ def main() -> int:
                             timeout=timedelta(seconds=run.fault.collective_timeout_s))
     tokens = open_tokens(corpus_from_dict(plan.corpus))
     lay = plan.layout
-    if run.parallel.zero.backend == "deepspeed":
-        from phalanx.parallel.deepspeed_trainer import DeepSpeedTrainer
-
-        trainer = DeepSpeedTrainer(run, rank=rank, layout=lay, tokens=tokens, device=device)
-    elif plan.schedule is None:
-        trainer = DataParallelTrainer(run, rank=rank, layout=lay, tokens=tokens, device=device)
-    else:
-        from phalanx.parallel.pipeline.schedules import Schedule
-        from phalanx.parallel.pipeline_trainer import PipelineTrainer
-
-        trainer = PipelineTrainer(run, rank=rank, layout=lay, tokens=tokens, device=device,
-                                  schedule=Schedule.from_dict(plan.schedule))
+    trainer = build_trainer(run, rank=rank, layout=lay, schedule=plan.schedule, tokens=tokens,
+                            device=device)
     cp.set(f"ready/{rank}", {"pid": os.getpid()})
 
     audit = None

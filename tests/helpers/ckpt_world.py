@@ -1,0 +1,81 @@
+"""One rank of a checkpoint test world (`python -m tests.helpers.ckpt_world --worker SPEC`).
+
+SPEC (JSON) holds a list of `jobs`, each run in order in this world:
+  {"name", "run": RunConfig dict, "schedule": plan schedule or null, "corpus": dict,
+   "load": checkpoint dir or null, "save_at": [steps], "root": dir, "steps": [lo, hi],
+   "snapshot": bool}
+A job builds the trainer, optionally loads, trains steps lo..hi-1 (saving synchronously
+after the steps in save_at, or through the async CheckpointManager when "snapshot" is set)
+and records every step's loss. Rank 0 writes {name: {"losses": [...], ...}} to spec["out"].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def _job(job: dict, rank: int) -> dict:
+    from phalanx.checkpoint.reshard import load_trainer, save_trainer
+    from phalanx.config import RunConfig
+    from phalanx.data import open_tokens
+    from phalanx.orchestrator.corpus import corpus_from_dict
+    from phalanx.parallel.factory import build_trainer
+    from phalanx.parallel.mesh import Layout
+
+    run = RunConfig.from_dict(job["run"])
+    p = run.parallel
+    layout = Layout(dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, pp=p.pp, tp=p.tp, vpp=p.vpp)
+    tokens = open_tokens(corpus_from_dict(job["corpus"]))
+    trainer = build_trainer(run, rank=rank, layout=layout, schedule=job["schedule"],
+                            tokens=tokens, device=torch.device("cpu"))
+    lo, hi = job["steps"]
+    if job.get("load"):
+        got = load_trainer(trainer, job["load"])
+        assert got == lo, f"checkpoint is at step {got}, job starts at {lo}"
+    manager = None
+    if job.get("snapshot"):
+        from phalanx.checkpoint.manager import CheckpointManager
+
+        manager = CheckpointManager(run, trainer, root=job["root"], rank=rank,
+                                    world=dist.get_world_size(), token=None,
+                                    events=lambda e: None)
+    losses = []
+    for step in range(lo, hi):
+        losses.append(trainer.train_step(step).loss)
+        if manager is not None:
+            manager.after_step(step + 1)
+        if step + 1 in job.get("save_at", []):
+            save_trainer(trainer, job["root"], step=step + 1)
+    if manager is not None:
+        manager.close()
+    return {"losses": losses}
+
+
+def main(spec_path: str) -> None:
+    torch.set_num_threads(1)
+    spec = json.loads(Path(spec_path).read_text())
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore("127.0.0.1", int(os.environ["MASTER_PORT"]), world, rank == 0,
+                          timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    out = {job["name"]: _job(job, rank) for job in spec["jobs"]}
+    dist.barrier()
+    if rank == 0:
+        Path(spec["out"]).write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        main(sys.argv[2])
+        sys.stdout.flush()
+        os._exit(0)
+    sys.exit("usage: python -m tests.helpers.ckpt_world --worker SPEC")
