@@ -164,8 +164,9 @@ class CheckpointConfig:
     # Persist every N steps (0: never) in a background process; a multiple of memory_every
     # when that is set (disk writes the latest memory snapshot).
     disk_every: int = 0
-    # Send each snapshot to a buddy worker's memory too (another node / stage where possible).
-    peer: bool = True
+    # Every N steps (0: never) also send the snapshot to a buddy worker's memory (on another
+    # node, else another pipeline stage); a multiple of memory_every when that is set.
+    peer_every: int = 0
     # Disk retention: the newest keep_last, plus every step that is a multiple of keep_every.
     keep_last: int = 2
     keep_every: int = 0
@@ -276,15 +277,21 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
              f"{m.max_position_embeddings}; shorten the sequence or raise the model's limit.")
 
     ck = run.checkpoint
-    for key in ("memory_every", "disk_every", "keep_every"):
+    for key in ("memory_every", "disk_every", "peer_every", "keep_every"):
         _require(getattr(ck, key) >= 0, f"checkpoint.{key}={getattr(ck, key)} must be >= 0 "
                  "(0 turns that level off).")
     _require(ck.keep_last >= 1, f"checkpoint.keep_last={ck.keep_last}: keep at least 1 "
              "checkpoint on disk, or turn disk checkpoints off with checkpoint.disk_every=0.")
-    _require(not (ck.memory_every and ck.disk_every) or ck.disk_every % ck.memory_every == 0,
-             f"checkpoint.disk_every={ck.disk_every} is not a multiple of checkpoint.memory_every="
-             f"{ck.memory_every}: disk persists a memory snapshot, so set disk_every to a multiple "
-             "of memory_every (or memory_every=0 to snapshot only for disk).")
+    for key in ("disk_every", "peer_every"):
+        every = getattr(ck, key)
+        _require(not (ck.memory_every and every) or every % ck.memory_every == 0,
+                 f"checkpoint.{key}={every} is not a multiple of checkpoint.memory_every="
+                 f"{ck.memory_every}: that level sends a memory snapshot, so make it a multiple "
+                 "(or set memory_every=0 to snapshot only for it).")
+    _require(not (ck.peer_every and ck.disk_every and not ck.memory_every)
+             or ck.disk_every % ck.peer_every == 0 or ck.peer_every % ck.disk_every == 0,
+             "checkpoint.peer_every and checkpoint.disk_every without memory_every: one must "
+             "divide the other (set checkpoint.memory_every to their common divisor).")
     _require(not ((ck.memory_every or ck.disk_every or ck.resume)
                   and run.parallel.zero.backend == "deepspeed"),
              "checkpoint.* with parallel.zero.backend=deepspeed: DeepSpeed keeps its own "

@@ -19,6 +19,7 @@ Nothing here decides when to save or which checkpoint to recover from.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -26,7 +27,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ MANIFEST = "manifest.json"
 _PREFIX = "step_"
 
 __all__ = ["FORMAT", "MANIFEST", "CheckpointError", "latest", "list_checkpoints", "load",
-           "prune", "save", "step_dir", "verify"]
+           "prune", "read_tensors", "save", "step_dir", "verify"]
 
 
 class CheckpointError(RuntimeError):
@@ -60,6 +62,15 @@ def _sha256(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """DCP warns that it assumes one process whenever torch.distributed is off: that is
+    the intent here (export, tests, single-process runs), so the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _fsync_dir(path: Path) -> None:
@@ -100,8 +111,10 @@ def save(state: Mapping[str, Any], path: str | Path, *, meta: Mapping[str, Any],
     if distributed:
         dist.barrier(group=process_group)
     t0 = time.perf_counter()
-    dcp.save(dict(state), storage_writer=FileSystemWriter(path, sync_files=True, thread_count=1),
-             planner=BoxSavePlanner(), process_group=process_group, no_dist=not distributed)
+    with _quiet():
+        dcp.save(dict(state),
+                 storage_writer=FileSystemWriter(path, sync_files=True, thread_count=1),
+                 planner=BoxSavePlanner(), process_group=process_group, no_dist=not distributed)
     # Every rank hashes the file it wrote (in parallel); the coordinator writes the manifest.
     mine = _files_of(path, rank if distributed else None)
     files: dict[str, Any] = {}
@@ -217,9 +230,28 @@ def load(state: Mapping[str, Any], path: str | Path, *, token: str | None = None
         if isinstance(result[0], str):
             raise CheckpointError(result[0])
         manifest = result[0]
-    dcp.load(dict(state), storage_reader=FileSystemReader(str(path)), planner=BoxLoadPlanner(),
-             process_group=process_group, no_dist=not distributed)
+    with _quiet():
+        dcp.load(dict(state), storage_reader=FileSystemReader(str(path)),
+                 planner=BoxLoadPlanner(), process_group=process_group, no_dist=not distributed)
     return manifest
+
+
+def read_tensors(path: str | Path, *, prefix: str = "", token: str | None = None
+                 ) -> dict[str, Any]:
+    """Every tensor under `prefix` of a verified checkpoint, whole, in this process (no
+    torch.distributed needed): export, tests, inspection."""
+    import torch
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    verify(path, token=token)
+    md = FileSystemReader(str(path)).read_metadata()
+    state = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype)
+             for k, v in md.state_dict_metadata.items()
+             if isinstance(v, TensorStorageMetadata) and k.startswith(prefix)}
+    with _quiet():
+        dcp.load(state, storage_reader=FileSystemReader(str(path)), planner=BoxLoadPlanner(),
+                 no_dist=True)
+    return state
 
 
 def prune(root: str | Path, *, keep_last: int, keep_every: int = 0,

@@ -52,10 +52,18 @@ def _job(job: dict, rank: int) -> dict:
         if manager is not None:
             manager.after_step(step + 1)
         if step + 1 in job.get("save_at", []):
-            save_trainer(trainer, job["root"], step=step + 1)
+            save_trainer(trainer, job.get("sync_root", job["root"]), step=step + 1)
+    out: dict = {"losses": losses}
     if manager is not None:
+        if job.get("dump"):
+            step_mem, mem = manager.memory_copy()
+            torch.save({"step": step_mem, "state": mem}, Path(job["dump"]) / f"mem{rank}.pt")
+            manager.poll(block_s=30)
+            manager.dump_peer(Path(job["dump"]) / f"peer{rank}.pt")
         manager.close()
-    return {"losses": losses}
+        out["stats"] = manager.stats()
+        out["buddy"] = getattr(manager, "buddy", None)
+    return out
 
 
 def main(spec_path: str) -> None:
@@ -68,8 +76,11 @@ def main(spec_path: str) -> None:
                             timeout=timedelta(seconds=120))
     out = {job["name"]: _job(job, rank) for job in spec["jobs"]}
     dist.barrier()
+    per_rank: list = [None] * world
+    dist.all_gather_object(per_rank, out)
     if rank == 0:
-        Path(spec["out"]).write_text(json.dumps(out))
+        merged = {name: {**res, "ranks": [r[name] for r in per_rank]} for name, res in out.items()}
+        Path(spec["out"]).write_text(json.dumps(merged))
     dist.destroy_process_group()
 
 
