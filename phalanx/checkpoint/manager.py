@@ -49,6 +49,11 @@ def buddy_of(rank: int, world: int, *, ranks_per_node: int, ranks_per_stage: int
 
 
 class CheckpointManager:
+    # Persister worlds started by this process so far: each needs its own store prefix (a
+    # second world on the same keys would rendezvous with the first one's stale entries).
+    # Every rank creates managers in the same order, so the count agrees across ranks.
+    _worlds = 0
+
     def __init__(self, run: Any, trainer: Any, *, root: str | Path, rank: int, world: int,
                  token: str | None, events: Callable[[dict[str, Any]], None],
                  generation: int = 0, host: str | None = None, port: int | None = None,
@@ -90,7 +95,9 @@ class CheckpointManager:
                     if buddy_of(r, self.world, ranks_per_node=per_node,
                                 ranks_per_stage=stage_block) == self.rank)
         ck = self.run.checkpoint
-        cfg = {"host": host, "port": port, "generation": generation, "rank": self.rank,
+        CheckpointManager._worlds += 1
+        cfg = {"host": host, "port": port, "rank": self.rank,
+               "prefix": f"g{generation}/persist{CheckpointManager._worlds}",
                "world": self.world, "token": self.token, "root": str(self.root),
                "keep_last": ck.keep_last, "keep_every": ck.keep_every,
                "timeout_s": ck.persist_timeout_s, "buddy": buddy, "ward": ward}

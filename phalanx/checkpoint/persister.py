@@ -42,21 +42,22 @@ def main(cfg: dict[str, Any], sets: list[dict[str, Any]], cmds: Any, replies: An
     """Entry point of the spawned process. `sets`: the worker's shared-memory buffer sets."""
     _die_with_parent()
     os.environ["OMP_NUM_THREADS"] = "1"
-    limit = os.environ.get(DISK_LIMIT_ENV)
-    if limit:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
-        resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
     import torch
     import torch.distributed as dist
+    from torch.distributed.checkpoint.api import CheckpointException
 
     from phalanx.checkpoint import store
 
     torch.set_num_threads(1)
     tcp = dist.TCPStore(cfg["host"], cfg["port"], is_master=False,
                         timeout=timedelta(seconds=cfg["timeout_s"]))
-    dist.init_process_group("gloo", store=dist.PrefixStore(f"g{cfg['generation']}/persist", tcp),
+    dist.init_process_group("gloo", store=dist.PrefixStore(cfg["prefix"], tcp),
                             rank=cfg["rank"], world_size=cfg["world"],
                             timeout=timedelta(seconds=cfg["timeout_s"]))
+    limit = os.environ.get(DISK_LIMIT_ENV)
+    if limit:  # after start-up, which writes its own files (caches) the cap would break
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), int(limit)))
     replies.put(("ready", None, {"pid": os.getpid()}))
     peer: dict[str, Any] = {}
     while True:
@@ -87,15 +88,23 @@ def main(cfg: dict[str, Any], sets: list[dict[str, Any]], cmds: Any, replies: An
                 torch.save({"step": peer.get("step"), "rank": peer.get("rank"),
                             "state": peer.get("state")}, cmd[1])
                 replies.put(("dumped", None, {"path": cmd[1]}))
-        except Exception as e:  # noqa: BLE001 - any failure of one checkpoint is reported
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - reported, never fatal
+            # (DCP's CheckpointException derives from BaseException.)
             idx = cmd[1] if kind in ("save", "peer") else None
             replies.put(("failed", idx, {"command": kind, "step": cmd[2] if len(cmd) > 2 else None,
-                                         "error": f"{type(e).__name__}: {e}",
-                                         "trace": traceback.format_exc(limit=4)}))
+                                         "error": _summary(e), "trace": traceback.format_exc()}))
             if not _healthy(dist):
                 break  # a dead gloo group cannot run another collective (see DESIGN.md)
     dist.destroy_process_group()
     replies.put(("stopped", None, {}))
+
+
+def _summary(e: BaseException) -> str:
+    """One line: DCP wraps every rank's traceback into its message; the last line of it is
+    the root cause (the I/O error)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    cause = lines[-1] if lines else ""
+    return f"{type(e).__name__}: {cause}"[:400]
 
 
 def _healthy(dist: Any) -> bool:

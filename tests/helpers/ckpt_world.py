@@ -40,17 +40,25 @@ def _job(job: dict, rank: int) -> dict:
         got = load_trainer(trainer, job["load"])
         assert got == lo, f"checkpoint is at step {got}, job starts at {lo}"
     manager = None
+    events: list = []
     if job.get("snapshot"):
         from phalanx.checkpoint.manager import CheckpointManager
+        from phalanx.checkpoint.persister import DISK_LIMIT_ENV
 
+        if job.get("disk_limit"):
+            os.environ[DISK_LIMIT_ENV] = str(job["disk_limit"])  # inherited by the persister
         manager = CheckpointManager(run, trainer, root=job["root"], rank=rank,
                                     world=dist.get_world_size(), token=None,
-                                    events=lambda e: None)
+                                    events=events.append)
+        os.environ.pop(DISK_LIMIT_ENV, None)
+    kill = job.get("kill_persister") or {}
     losses = []
     for step in range(lo, hi):
         losses.append(trainer.train_step(step).loss)
         if manager is not None:
             manager.after_step(step + 1)
+            if kill.get("rank") == rank and kill.get("step") == step + 1:
+                _kill_mid_write(manager, Path(job["root"]), step + 1)
         if step + 1 in job.get("save_at", []):
             save_trainer(trainer, job.get("sync_root", job["root"]), step=step + 1)
     out: dict = {"losses": losses}
@@ -62,8 +70,23 @@ def _job(job: dict, rank: int) -> dict:
             manager.dump_peer(Path(job["dump"]) / f"peer{rank}.pt")
         manager.close()
         out["stats"] = manager.stats()
+        out["events"] = events
         out["buddy"] = getattr(manager, "buddy", None)
     return out
+
+
+def _kill_mid_write(manager, root: Path, step: int) -> None:
+    """SIGKILL this rank's persister once the checkpoint's directory exists: the save has
+    begun, and it cannot commit without this rank's persister (barrier, shard, hashes)."""
+    import signal
+    import time
+
+    from phalanx.checkpoint import store
+
+    deadline = time.monotonic() + 30
+    while not store.step_dir(root, step).exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(manager.proc.pid, signal.SIGKILL)
 
 
 def main(spec_path: str) -> None:
