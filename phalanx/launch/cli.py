@@ -34,6 +34,8 @@ commands:
           trainer.global_batch=1024 [parallel.tp=8 ...] [--top K] [--json]`
   calibrate  measure this machine for the planner (per-block compute, optimizer, collectives):
           `phalanx calibrate [key=value ...] [--out FILE] [--quick]`
+  export  a checkpoint as a Hugging Face Llama: `phalanx export RUN_DIR_OR_CHECKPOINT
+          --format safetensors [--out DIR] [--max-shard-gb X] [--step N]`
 
 The embedded default (`phalanx run` with no arguments) trains a tiny Llama on the
 Python standard library's sources with 2 CPU workers.
@@ -108,8 +110,9 @@ def _task(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run = validate(cfg)
-        if (run_dir / "metrics.jsonl").exists():
-            raise ConfigError(f"run directory {run_dir} already holds a run; pick a new --run-dir.")
+        if (run_dir / "metrics.jsonl").exists() and not run.checkpoint.resume:
+            raise ConfigError(f"run directory {run_dir} already holds a run; pick a new --run-dir "
+                              "(or continue it with checkpoint.resume=latest).")
         resolved = OmegaConf.to_yaml(OmegaConf.structured(run))
         outcome = Controller(run, run_dir=run_dir, resolved_yaml=resolved,
                              port=_LaunchArgs.port).run_job()
@@ -220,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         from phalanx.launch.calibrate import main as calibrate_main
 
         return calibrate_main(rest)
+    if cmd == "export":
+        from phalanx.checkpoint.export import main as export_main
+
+        return export_main(rest)
     return _error(f"unknown command {cmd!r}; see `phalanx --help`.")
 
 
