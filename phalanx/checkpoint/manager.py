@@ -171,14 +171,16 @@ class CheckpointManager:
             self.poll(block_s=1.0)
 
     # -- per step -------------------------------------------------------------------------
-    def after_step(self, completed: int) -> None:
-        """Called after `completed` optimizer steps (the state now is the state after them)."""
+    def after_step(self, completed: int, *, final: bool = False) -> None:
+        """Called after `completed` optimizer steps (the state now is the state after them).
+        `final`: the last step of the run (every rank knows it): disk gets it too."""
         if self.snap is None:
             return
         self.poll()
-        if completed % self.memory_every:
+        disk = (bool(self.disk_every) and (completed % self.disk_every == 0 or final)
+                and not self._persist_dead)
+        if completed % self.memory_every and not disk:
             return
-        disk = bool(self.disk_every) and completed % self.disk_every == 0 and not self._persist_dead
         peer = bool(self.peer_every) and completed % self.peer_every == 0 and not self._persist_dead
         target = self._free_set()
         if disk or peer:

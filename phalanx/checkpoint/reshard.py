@@ -26,7 +26,7 @@ from phalanx.checkpoint.state import restore_after_load, trainer_state
 
 log = logging.getLogger("phalanx.checkpoint")
 
-__all__ = ["checkpoint_meta", "load_trainer", "recipe_hash", "resolve", "save_trainer"]
+__all__ = ["checkpoint_meta", "default_root", "load_trainer", "recipe_hash", "resolve", "save_trainer"]
 
 
 def recipe_hash(run: Any) -> str:
@@ -51,9 +51,22 @@ def save_trainer(trainer: Any, root: str | Path, *, step: int, token: str | None
                       meta=checkpoint_meta(trainer, step), token=token)
 
 
+def default_root(run: Any, run_dir: str | Path) -> Path:
+    return Path(run.checkpoint.dir) if run.checkpoint.dir else Path(run_dir) / "checkpoints"
+
+
 def resolve(spec: str, root: str | Path, *, token: str | None = None
             ) -> tuple[Path, dict[str, Any], list[tuple[str, str]]]:
-    """`spec` is "latest" (newest verified under root) or a checkpoint directory."""
+    """`spec`: "latest" (newest verified checkpoint under root), a checkpoint directory, or a
+    directory of checkpoints / a run directory (its newest verified checkpoint)."""
+    if spec != "latest":
+        p = Path(spec)
+        if not p.is_dir():
+            raise store.CheckpointError(f"{p} is not a directory")
+        if (p / "checkpoints").is_dir():
+            root, spec = p / "checkpoints", "latest"
+        elif not (p / store.MANIFEST).exists() and store.list_checkpoints(p):
+            root, spec = p, "latest"
     if spec == "latest":
         path, manifest, skipped = store.latest(root, token=token)
         if path is None:

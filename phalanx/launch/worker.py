@@ -65,6 +65,33 @@ def _write_timeline(run_dir: Path, rank: int, layout, trainer, step: int) -> Non
         {"step": step, "pp_rank": coords["pp"], "events": [vars(e) for e in events]}))
 
 
+def _checkpoint_manager(run, trainer, cp, *, rank: int, world: int, token: str, run_dir: Path,
+                        generation: int, host: str, port: int):
+    """The checkpoint levels this recipe asks for, reporting into the controller's events."""
+    ck = run.checkpoint
+    if not (ck.memory_every or ck.disk_every or ck.peer_every):
+        return None
+    from phalanx.checkpoint.manager import CheckpointManager
+    from phalanx.checkpoint.reshard import default_root
+
+    seq = [0]
+
+    def report(event: dict) -> None:
+        # Saves are collective: rank 0 speaks for all; every rank reports its own failures.
+        if rank != 0 and event["event"] != "checkpoint_failed":
+            return
+        try:
+            cp.set(f"event/{rank}/{seq[0]}", event)
+            seq[0] += 1
+        except Exception:  # noqa: BLE001 - an unreachable controller is the heartbeat's job
+            log.warning("could not report %s", event.get("event"))
+
+    return CheckpointManager(run, trainer, root=default_root(run, run_dir), rank=rank,
+                             world=world, token=token, events=report, generation=generation,
+                             host=host, port=port,
+                             ranks_per_node=run.cluster.devices_per_node)
+
+
 def main() -> int:
     # A crash or abort prints every thread's Python stack into the worker log.
     faulthandler.enable(all_threads=True)
@@ -115,6 +142,15 @@ def main() -> int:
     lay = plan.layout
     trainer = build_trainer(run, rank=rank, layout=lay, schedule=plan.schedule, tokens=tokens,
                             device=device)
+    start = 0
+    resume = cp.wait("resume", timeout_s=60)
+    if resume:
+        from phalanx.checkpoint.reshard import load_trainer
+
+        start = load_trainer(trainer, resume["path"], token=token)
+        log.info("resumed from %s at step %d", resume["path"], start)
+    manager = _checkpoint_manager(run, trainer, cp, rank=rank, world=world, token=token,
+                                  run_dir=run_dir, generation=generation, host=host, port=port)
     cp.set(f"ready/{rank}", {"pid": os.getpid()})
 
     audit = None
@@ -122,10 +158,12 @@ def main() -> int:
         (run_dir / "audit").mkdir(parents=True, exist_ok=True)
         audit = open(run_dir / "audit" / f"rank{rank}.jsonl", "a")
     t = run.trainer
-    step = 0
-    for step in range(t.steps):
+    step = start
+    for step in range(start, t.steps):
         res = trainer.train_step(step, stop_requested=cp.has("stop"))
         state["step"] = step
+        if manager is not None:
+            manager.after_step(step + 1, final=res.stop or step + 1 == t.steps)
         val = trainer.evaluate() if ((step + 1) % t.eval_every == 0 or step + 1 == t.steps) else None
         if audit is not None:
             audit.write(json.dumps({"step": step, "generation": generation,
@@ -137,9 +175,13 @@ def main() -> int:
                    "tokens_per_s": res.tokens / res.step_time_s, "skipped": res.skipped}
             if val is not None:
                 rec["val_loss"] = val
+            if manager is not None and manager.snap is not None and manager.snap.blocking_s:
+                rec["checkpoint_blocking_s"] = manager.snap.blocking_s[-1]
             cp.set(f"metrics/{step}", rec)
         if res.stop:
             break
+    if manager is not None:
+        manager.close()  # the last checkpoint is durable before this worker reports done
     _write_timeline(run_dir, rank, lay, trainer, step)
     if audit is not None:
         audit.close()

@@ -56,6 +56,18 @@ class Console:
                 val = f" val_loss {rec['val_loss']:.4f}" if "val_loss" in rec else ""
                 log.info("step %d/%d loss %s%s %s tok/s", step, self.total, loss, val, tps)
 
+    def note(self, text: str, *, warning: bool = False) -> None:
+        """A line between progress updates: checkpoints, failures, recoveries."""
+        if self._progress is not None:
+            self._progress.console.print(f"[yellow]{text}[/]" if warning else text)
+        elif self.mode != "off":
+            (log.warning if warning else log.info)(text)
+
+    def set_completed(self, steps: int) -> None:
+        """A resumed run starts its bar where the checkpoint left off."""
+        if self._progress is not None:
+            self._progress.update(self._task, completed=steps)
+
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from phalanx.config import RunConfig
+from phalanx.config import ConfigError, RunConfig
 from phalanx.orchestrator.console import Console
 from phalanx.orchestrator.control_plane import TOKEN_ENV, ControlPlane
 from phalanx.orchestrator.corpus import corpus_to_dict, prepare_corpus
@@ -63,6 +63,10 @@ def _tail(path: Path, lines: int = 8) -> str:
     return "\n".join("    " + ln for ln in text[-lines:])
 
 
+class ResumeError(ConfigError):
+    """checkpoint.resume names nothing loadable: a bad-input error, before any worker starts."""
+
+
 @dataclass
 class _Worker:
     rank: int
@@ -89,11 +93,16 @@ class Controller:
         self.dir = RunDir(run_dir)
         self.resolved_yaml = resolved_yaml
         self.port = port
-        self.token = secrets.token_hex(16)
+        # A token set by the user (PHALANX_TOKEN) outlives the run, so a resumed run can check
+        # the signatures of the checkpoints an earlier run wrote.
+        self.token = os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
         self.workers: list[_Worker] = []
         self.metrics: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
         self._signal: int | None = None
+        self.checkpoints: list[dict[str, Any]] = []
+        self.resumed: dict[str, Any] | None = None
+        self._event_seq: dict[int, int] = {}
 
     # -- signals: the first Ctrl-C/SIGTERM asks for a stop at a step boundary, the second forces.
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -114,18 +123,23 @@ class Controller:
         plan = plan_single_node(self.run, generation=0, backend=backend,
                                 cores=len(os.sched_getaffinity(0)), corpus=corpus)
         self.dir.write_plan(plan.to_json())
+        start_step = self._resolve_resume()
         store = dist.TCPStore("127.0.0.1", self.port, is_master=True, wait_for_workers=False)
         cp = ControlPlane(store, token=self.token, generation=plan.generation)
         cp.set("config", self.run.to_dict())
         cp.set("plan", plan.to_json())
+        cp.set("resume", self.resumed or {})
         self.dir.event("generation", generation=plan.generation, world_size=plan.world_size,
                        layout=plan.layout.to_dict())
         console = Console(self.run.logging, total_steps=self.run.trainer.steps)
+        if start_step:
+            console.set_completed(start_step)
+            console.note(f"resumed from {self.resumed['path']} at step {start_step}")
         wandb_run = self._start_wandb()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._spawn(plan, store.port)
-            status, message = self._watch(cp, plan, console, wandb_run)
+            status, message = self._watch(cp, plan, console, wandb_run, start_step)
         except KeyboardInterrupt:
             status, message = "failed", "forced stop (second interrupt); workers were killed."
         finally:
@@ -188,15 +202,67 @@ class Controller:
             self.workers.append(_Worker(rank=m.rank, proc=proc, log_path=log_path))
             self.dir.event("worker_start", rank=m.rank, pid=proc.pid, generation=plan.generation)
 
+    def _resolve_resume(self) -> int:
+        """checkpoint.resume: verify the checkpoint here, before any worker starts, and report
+        the damaged ones skipped on the way (invariant 4). Returns the step to start at."""
+        from phalanx.checkpoint.reshard import resolve
+        from phalanx.checkpoint.store import CheckpointError
+
+        spec = self.run.checkpoint.resume
+        if not spec:
+            return 0
+        try:
+            path, manifest, skipped = resolve(spec, self.checkpoint_root(), token=self.token)
+        except (CheckpointError, OSError) as e:
+            raise ResumeError(f"checkpoint.resume={spec}: {e}") from None
+        for bad, why in skipped:
+            self.dir.event("checkpoint_skipped", path=bad, reason=why)
+            log.warning("skipped damaged checkpoint %s: %s", bad, why)
+        step = int(manifest["step"])
+        if step >= self.run.trainer.steps:
+            raise ResumeError(f"checkpoint.resume={spec}: {path} is at step {step}, and "
+                              f"trainer.steps={self.run.trainer.steps}; raise trainer.steps to "
+                              "train further.")
+        self.resumed = {"path": str(path), "step": step, "layout": manifest.get("layout"),
+                        "skipped": [b for b, _ in skipped]}
+        self.dir.event("resume", **self.resumed)
+        return step
+
+    def checkpoint_root(self) -> Path:
+        from phalanx.checkpoint.reshard import default_root
+
+        return default_root(self.run, self.dir.path)
+
+    def _drain_events(self, cp: ControlPlane, console: Console) -> None:
+        """Workers' events (checkpoints saved or failed) into events.jsonl and the console."""
+        for w in self.workers:
+            seq = self._event_seq.get(w.rank, 0)
+            while (rec := cp.get(f"event/{w.rank}/{seq}")) is not None:
+                cp.delete(f"event/{w.rank}/{seq}")
+                seq += 1
+                name = rec.pop("event")
+                self.dir.event(name, **rec)
+                if name == "checkpoint_saved":
+                    self.checkpoints.append(rec)
+                    console.note(f"checkpoint step {rec['step']} on disk "
+                                 f"({rec['bytes'] / 2**20:.1f} MiB, durable after "
+                                 f"{rec['durable_s']:.2f} s in the background)")
+                elif name == "checkpoint_failed":
+                    console.note(f"checkpoint {rec.get('command')} at step {rec.get('step')} "
+                                 f"failed on rank {rec.get('rank')}: {rec.get('error')} "
+                                 "(training continues)", warning=True)
+            self._event_seq[w.rank] = seq
+
     def _watch(self, cp: ControlPlane, plan: Plan, console: Console,
-               wandb_run: Any) -> tuple[str, str]:
+               wandb_run: Any, start_step: int = 0) -> tuple[str, str]:
         f = self.run.fault
-        next_step = 0
+        next_step = start_step
         t0 = time.monotonic()
         stop_sent: float | None = None
         while True:
             now = time.monotonic()
             next_step = self._drain_metrics(cp, next_step, t0, console, wandb_run)
+            self._drain_events(cp, console)
             for w in self.workers:
                 rc = w.proc.poll()
                 # After poll: a worker writes done/ before it exits, so an exit seen here
@@ -222,6 +288,7 @@ class Controller:
                                       f"{f.heartbeat_timeout_s:.0f})", kind="heartbeat_timeout")
             if all(w.done and w.proc.poll() == 0 for w in self.workers):
                 next_step = self._drain_metrics(cp, next_step, t0, console, wandb_run)
+                self._drain_events(cp, console)
                 if self._signal is not None and next_step < self.run.trainer.steps:
                     name = signal.Signals(self._signal).name
                     return "failed", f"stopped by {name} after step {next_step} of " \
@@ -318,5 +385,8 @@ class Controller:
             "corpus": {k: corpus[k] for k in ("source", "sha256", "num_tokens")},
             "failures": self.failures,
             "recoveries": [],
+            "resumed_from": self.resumed,
+            "checkpoints": [{k: c[k] for k in ("step", "path", "bytes", "durable_s")}
+                            for c in self.checkpoints],
         }
 
