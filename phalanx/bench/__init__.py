@@ -34,6 +34,9 @@ BENCHES: dict[str, tuple[str, str]] = {
     "planner": ("phalanx.bench.planner",
                 "planner predictions vs measured step time and memory for fixed layouts; "
                 "planning time for big clusters"),
+    "checkpoint": ("phalanx.bench.checkpoint",
+                   "checkpoint blocking time, time to durable and throughput cost: "
+                   "torch.save+fsync vs DCP async_save vs phalanx"),
 }
 
 

@@ -70,6 +70,9 @@ def main(cfg: dict[str, Any], sets: list[dict[str, Any]], cmds: Any, replies: An
                 _, idx, step, path, meta = cmd
                 t0 = time.perf_counter()
                 m = store.save(sets[idx], path, meta=meta, token=cfg.get("token"))
+                # When the manifest became durable, on the host-wide CLOCK_MONOTONIC: the
+                # worker measures from its own after_step call (`phalanx bench checkpoint`).
+                done = time.monotonic()
                 gone = []
                 if cfg["rank"] == 0:
                     gone = [str(p) for p in store.prune(cfg["root"], keep_last=cfg["keep_last"],
@@ -77,7 +80,7 @@ def main(cfg: dict[str, Any], sets: list[dict[str, Any]], cmds: Any, replies: An
                 replies.put(("saved", idx, {"step": step, "path": str(path),
                                             "durable_s": time.perf_counter() - t0,
                                             "bytes": sum(f["bytes"] for f in m["files"].values()),
-                                            "pruned": gone}))
+                                            "pruned": gone, "done_monotonic": done}))
             elif kind == "peer":
                 _, idx, step = cmd
                 t0 = time.perf_counter()
