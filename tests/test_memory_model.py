@@ -477,6 +477,46 @@ def test_walk_counts_the_simulators_inflight():
             assert _walk(orders[r], unit, {}) == (peaks[r], 0)
 
 
+# Every schedule the planner enumerates (runs written down without the schedule) and two
+# that come from the schedule itself, over warm-up-capped and steady-state micro-batch counts.
+RUN_GRID = ([(name, p, 1, m) for name in ("1f1b", "zb_h1", "gpipe") for p in (1, 2, 3, 5)
+             for m in range(1, 3 * p + 3)]
+            + [("interleaved_1f1b", p, v, m) for p in (1, 2, 3, 4) for v in (1, 2, 3, 4)
+               for m in range(p, 4 * p + 1, p)]
+            + [("zb_v", p, 2, m) for p in (2, 3) for m in (1, 4, 7)]
+            + [("1f1b", 16, 1, 64), ("zb_h1", 12, 1, 40), ("interleaved_1f1b", 8, 4, 32)])
+
+
+def test_compute_runs_expand_to_the_schedules_order_and_walk_alike():
+    # memory_per_rank walks run-length encoded compute orders (O(runs) per rank instead of
+    # O(m)); they must be the schedule's own orders and give the plain walk's bytes.
+    import random
+
+    from phalanx.orchestrator.memory import (
+        _compute_orders,
+        _compute_runs,
+        _StageBytes,
+        _walk,
+        _walk_runs,
+    )
+
+    rng = random.Random(0)
+    for name, pp, vpp, m in RUN_GRID:
+        stage_to_rank, orders = _compute_orders(name, pp, vpp, m)
+        placed, runs = _compute_runs(name, pp, vpp, m)
+        assert placed == stage_to_rank, (name, pp, vpp, m)
+        for r in range(pp):
+            assert [a for block, n in runs[r] for _ in range(n) for a in block] == orders[r]
+            stages = {s: _StageBytes(*(rng.uniform(0, 1e6) for _ in range(5)))
+                      for s in range(pp * vpp)}
+            for late in ({}, {s: rng.uniform(0, 1e6) for s in range(pp * vpp)
+                              if stage_to_rank[s] == r}):
+                want, got = _walk(orders[r], stages, late), _walk_runs(runs[r], stages, late)
+                assert got == pytest.approx(want, rel=1e-12, abs=1e-6), (name, pp, vpp, m, r)
+    with pytest.raises(ValueError, match="multiple of pp"):
+        _compute_runs("interleaved_1f1b", 4, 2, 6)  # the schedule's own error
+
+
 def test_ddp_accumulation_keeps_a_second_gradient():
     cfg = _cfg(layers=4)
     kw = dict(seq_len=32, dtypes=FP32)

@@ -262,6 +262,45 @@ def test_lowering_keeps_compute_order_and_is_valid(case, zero: bool) -> None:
                 assert acts.index(Action(st, "UNSHARD")) < first
 
 
+LOWER_COSTS = [{"F": 1.0, "B": 2.0}, {"F": 1.0, "B": 3.0}, {"F": 1.0, "B": 2.25},
+               {"F": 1.0, "B": 1.0}, {"F": 1.0, "B": 2 / 3}]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_lowering_for_given_costs_picks_the_fastest_placement(case) -> None:
+    # lower(costs=...) stops at the replay once it reaches the buffered makespan, and
+    # lower_simulated hands back the run that chose it: neither may change the choice, which
+    # is the candidate with the shortest makespan (the replay, then pair slots, on ties).
+    from phalanx.parallel.pipeline.lowering import (
+        _buffered_makespan,
+        _canonical,
+        _place_comms,
+        _slotted,
+        lower_simulated,
+    )
+    from phalanx.parallel.pipeline.simulator import resolve_costs
+
+    s = _build(*case)
+    for costs in LOWER_COSTS:
+        c = resolve_costs(costs)
+        replay = _place_comms(s, c)
+        # Order inside a batch takes no time: the canonical replay is the replay's baseline.
+        assert simulate(_canonical(replay), s, costs=c).makespan == simulate(replay, s, costs=c).makespan
+        cands = dict.fromkeys([_canonical(replay), *(_canonical(_slotted(s, pair=p)) for p in (True, False))])
+        spans = []
+        for n, cand in enumerate(cands):
+            try:
+                spans.append((simulate(cand, s, costs=c).makespan, n, cand))
+            except (DeadlockError, ScheduleError):
+                continue
+        buffered = _buffered_makespan(s, c)  # None off the 1/1024 grid, where sums may round
+        assert (buffered is not None) == all(float(v * 1024).is_integer() for v in c.values())
+        assert buffered is None or all(buffered <= span for span, _, _ in spans)
+        chosen, run = lower_simulated(s, costs=costs)
+        assert chosen == lower(s, costs=costs) == min(spans)[2]
+        assert run == simulate(chosen, s, costs=costs)
+
+
 def test_reduce_grad_before_last_backward_is_a_schedule_error() -> None:
     s = one_f_one_b(2, 2)
     low = [list(acts) for acts in lower(s, zero=True)]

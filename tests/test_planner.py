@@ -62,3 +62,38 @@ def test_uncalibrated_cpu_cluster_is_a_clear_error(capsys, tmp_path, monkeypatch
     monkeypatch.setenv("PHALANX_CACHE", str(tmp_path))
     assert main(["model=tiny"]) == 2
     assert "run `phalanx calibrate`" in capsys.readouterr().err
+
+
+def test_simulated_bubble_is_the_simulators_and_shared_across_micro_batches():
+    from phalanx.orchestrator.cost import _simulated_fraction, simulated_bubble
+    from phalanx.parallel.pipeline.lowering import lower
+    from phalanx.parallel.pipeline.schedules import build_schedule
+    from phalanx.parallel.pipeline.simulator import simulate
+
+    for name, pp, vpp, m, b in [("1f1b", 4, 1, 8, 2.0), ("zb_h1", 4, 1, 8, 3.0),
+                                ("interleaved_1f1b", 4, 2, 8, 2.25), ("1f1b", 3, 1, 7, 2.5)]:
+        s = build_schedule(name, pp=pp, vpp=vpp, n_microbatches=m)
+        costs = {"F": 1.0, "B": b, "I": b / 2, "W": b / 2}
+        want = simulate(lower(s, costs=costs), s, costs=costs).bubble_fraction
+        assert simulated_bubble(name, pp, vpp, m, 1.0, b) == want
+    # m = 16 and 32 both simulate 8 micro-batches (2 pp): one simulation for both.
+    _simulated_fraction.cache_clear()
+    simulated_bubble.cache_clear()
+    assert simulated_bubble("1f1b", 4, 1, 16) > simulated_bubble("1f1b", 4, 1, 32) > 0
+    assert _simulated_fraction.cache_info().misses == 1
+
+
+def test_planning_leaves_the_collector_as_it_found_it():
+    import gc
+
+    base = ["model=tiny", "--nproc-per-node", "2", "trainer.global_batch=16", *FIGURES]
+    run = _run(base)
+    assert gc.isenabled()
+    assert make_plan(run, base)[0].top
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        make_plan(run, base)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -214,21 +214,28 @@ def simulated_bubble(schedule: str, pp: int, vpp: int, m: int, f: float = 1.0,
     steady state is reached, so large m is simulated at a few rounds of pp micro-batches
     and the idle time carried over (the simulator is O(m·p) per candidate placement).
     """
-    from phalanx.parallel.pipeline.lowering import lower
-    from phalanx.parallel.pipeline.schedules import build_schedule
-    from phalanx.parallel.pipeline.simulator import simulate
-
     m_sim = min(m, 2 * pp) if m % pp == 0 else min(m, 2 * pp + m % pp)
     if pp * vpp * m_sim > SIM_BUDGET:
         return closed_form_bubble(schedule, pp, vpp, m)
-    sched = build_schedule(schedule, pp=pp, vpp=vpp, n_microbatches=m_sim)
-    costs = {"F": f, "B": b, "I": b / 2, "W": b / 2}
-    frac = simulate(lower(sched, costs=costs), sched, costs=costs).bubble_fraction
+    frac = _simulated_fraction(schedule, pp, vpp, m_sim, f, b)
     if m_sim == m:
         return frac
     work = m_sim * (f + b)  # per rank, per unit of chunk work
     idle = work * frac / (1 - frac)
     return idle / (idle + m * (f + b))
+
+
+@functools.lru_cache(maxsize=4096)
+def _simulated_fraction(schedule: str, pp: int, vpp: int, m: int, f: float, b: float) -> float:
+    # Memoised apart from simulated_bubble: candidates whose m differ often simulate the same
+    # m_sim (every m that is a multiple of pp from 2 pp up), and one simulation costs more
+    # than everything else the planner does for a candidate.
+    from phalanx.parallel.pipeline.lowering import lower_simulated
+    from phalanx.parallel.pipeline.schedules import build_schedule
+
+    sched = build_schedule(schedule, pp=pp, vpp=vpp, n_microbatches=m)
+    costs = {"F": f, "B": b, "I": b / 2, "W": b / 2}
+    return lower_simulated(sched, costs=costs)[1].bubble_fraction
 
 
 def closed_form_bubble(schedule: str, pp: int, vpp: int, m: int) -> float:

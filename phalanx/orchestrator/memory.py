@@ -44,6 +44,7 @@ fast version of that check on torch's fake process group.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -469,19 +470,119 @@ class MemoryBreakdown:
         return {**asdict(self), "model_states": self.model_states, "total": self.total}
 
 
-def _schedule_actions(cand: Candidate, m: int) -> tuple[tuple[int, ...], list[list[tuple[str, int]]]]:
-    """(stage -> rank, per rank [(kind, stage)] compute order) of the run's schedule."""
-    return _compute_orders(cand.schedule, cand.pp, cand.vpp, m)
+# One run of a rank's compute order: a block of (kind, stage) actions and how many times it
+# repeats back to back.
+_Run = tuple[tuple[tuple[str, int], ...], int]
+
+
+def _schedule_runs(cand: Candidate, m: int) -> tuple[tuple[int, ...], tuple[tuple[_Run, ...], ...]]:
+    """(stage -> rank, per rank run-length encoded compute order) of the run's schedule."""
+    return _compute_runs(cand.schedule, cand.pp, cand.vpp, m)
 
 
 @functools.lru_cache(maxsize=1024)
 def _compute_orders(schedule: str, pp: int, vpp: int,
                     m: int) -> tuple[tuple[int, ...], list[list[tuple[str, int]]]]:
-    # Memoised: the planner asks for the same (schedule, p, v, m) for thousands of candidates.
+    """(stage -> rank, per rank [(kind, stage)] compute order), from the schedule itself."""
     from phalanx.parallel.pipeline.schedules import build_schedule
 
     s = build_schedule(schedule, pp=pp, vpp=vpp, n_microbatches=m)
     return s.stage_to_rank, [[(a.kind, a.stage) for a in acts] for acts in s.actions]
+
+
+@functools.lru_cache(maxsize=1024)
+def _compute_runs(schedule: str, pp: int, vpp: int,
+                  m: int) -> tuple[tuple[int, ...], tuple[tuple[_Run, ...], ...]]:
+    """`_compute_orders` run-length encoded (blocks of actions with repeat counts).
+
+    Memoised: the planner asks for the same (schedule, p, v, m) for thousands of candidates.
+    The schedules the planner enumerates (1F1B, ZB-H1, interleaved 1F1B) are written down
+    here as runs, without building the schedule: deep pipelines with hundreds of
+    micro-batches have O(p m v) actions but O(p + m v) runs in all, and building them was
+    most of the planner's time. Their expansion is the schedule's own compute order
+    (tests/test_memory_model.py checks it against `schedules.build_schedule`); any other
+    schedule (and any invalid one, for build_schedule's error) comes from the schedule.
+    """
+    if schedule == "interleaved_1f1b" and vpp == 1:
+        schedule = "1f1b"  # build_schedule runs plain 1F1B then
+    if schedule == "1f1b" and vpp == 1:
+        return tuple(range(pp)), tuple(_merge(_runs_1f1b(r, pp, m)) for r in range(pp))
+    if schedule == "zb_h1" and vpp == 1:
+        return tuple(range(pp)), tuple(_merge(_runs_zb_h1(r, pp, m)) for r in range(pp))
+    if schedule == "interleaved_1f1b" and m % pp == 0:
+        return (tuple(s % pp for s in range(pp * vpp)),
+                tuple(_merge(_runs_interleaved(r, pp, vpp, m)) for r in range(pp)))
+    stage_to_rank, orders = _compute_orders(schedule, pp, vpp, m)
+    return stage_to_rank, tuple(_merge([((a,), 1) for a in acts]) for acts in orders)
+
+
+def _merge(runs: list[_Run]) -> tuple[_Run, ...]:
+    """Drop empty runs and join neighbours that repeat the same block."""
+    out: list[_Run] = []
+    for block, n in runs:
+        if n <= 0:
+            continue
+        if out and out[-1][0] == block:
+            out[-1] = (block, out[-1][1] + n)
+        else:
+            out.append((block, n))
+    return tuple(out)
+
+
+def _runs_1f1b(r: int, pp: int, m: int) -> list[_Run]:
+    # schedules.one_f_one_b: warm-up forwards, (F, B) pairs, cool-down backwards.
+    warmup = min(pp - 1 - r, m)
+    f, b = ("F", r), ("B", r)
+    return [((f,), warmup), ((f, b), m - warmup), ((b,), warmup)]
+
+
+def _runs_zb_h1(r: int, pp: int, m: int) -> list[_Run]:
+    # schedules.zb_h1: warm-up forwards; step i runs F (while forwards are left), I, and W
+    # once i >= r; the deferred W's last. The step's block changes only at i = m - warmup
+    # (forwards run out) and i = r (W's start).
+    warmup = min(pp - 1 - r, m)
+    f, i_, w = ("F", r), ("I", r), ("W", r)
+    last_f = m - warmup
+    cuts = sorted({0, last_f, min(r, m), m})
+    out: list[_Run] = [((f,), warmup)]
+    for lo, hi in itertools.pairwise(cuts):
+        block = ((f,) if lo < last_f else ()) + (i_,) + ((w,) if lo >= r else ())
+        out.append((block, hi - lo))
+    return [*out, ((w,), min(r, m))]
+
+
+def _runs_interleaved(r: int, pp: int, vpp: int, m: int) -> list[_Run]:
+    # schedules.interleaved_1f1b: the i-th forward (backward) of rank r runs chunk
+    # (i // pp) % vpp (counted from the last chunk for backwards), so the stage changes only
+    # where i crosses a multiple of pp. Warm-up forwards, (F, B) pairs, cool-down backwards.
+    total = m * vpp
+    warmup = min((vpp - 1) * pp + 2 * (pp - 1 - r), total)
+
+    def f(i: int) -> tuple[str, int]:
+        return "F", ((i // pp) % vpp) * pp + r
+
+    def b(i: int) -> tuple[str, int]:
+        return "B", (vpp - 1 - (i // pp) % vpp) * pp + r
+
+    def next_cut(i: int) -> int:  # the next multiple of pp after i
+        return (i // pp + 1) * pp
+
+    out: list[_Run] = []
+    lo = 0
+    while lo < warmup:
+        hi = min(next_cut(lo), warmup)
+        out.append(((f(lo),), hi - lo))
+        lo = hi
+    pairs, lo = total - warmup, 0
+    while lo < pairs:
+        hi = min(next_cut(lo), next_cut(warmup + lo) - warmup, pairs)
+        out.append(((f(warmup + lo), b(lo)), hi - lo))
+        lo = hi
+    while lo < total:
+        hi = min(next_cut(lo), total)
+        out.append(((b(lo),), hi - lo))
+        lo = hi
+    return out
 
 
 @dataclass(frozen=True)
@@ -506,9 +607,37 @@ def _walk(actions: list[tuple[str, int]], stages: dict[int, _StageBytes],
     produces appear, so the start of a stage's first backward still has that room. Stage
     0's I is empty (token ids have no gradient): its W is the whole backward.
     """
-    missing = sum(late_grads.values())
+    cur, peak, _ = _steps(actions, stages, dict(late_grads), 0.0, 0.0, sum(late_grads.values()))
+    return peak, cur
+
+
+def _walk_runs(runs: tuple[_Run, ...], stages: dict[int, _StageBytes],
+               late_grads: dict[int, float]) -> tuple[float, float]:
+    """`_walk` over a run-length encoded compute order, in O(runs) instead of O(actions).
+
+    A block repeated n times is walked as is once (its backwards may bring late gradients
+    back), then once more from zero for its net change and its rise above its start: the
+    repeats after the first are that same walk started `net` higher each time (no late
+    gradient is left to come back in them), so the last one (net > 0) or the second one
+    holds their peak. Equal to `_walk` on the expansion up to float rounding.
+    """
     pending = dict(late_grads)
+    missing = sum(late_grads.values())
     cur = peak = 0.0
+    for block, n in runs:
+        cur, peak, missing = _steps(block, stages, pending, cur, peak, missing)
+        if n > 1:
+            net, rise, _ = _steps(block, stages, pending, 0.0, -math.inf, missing)
+            peak = max(peak, cur + rise + (n - 2) * max(net, 0.0))
+            cur += (n - 1) * net
+    return peak, cur
+
+
+def _steps(actions: tuple[tuple[str, int], ...] | list[tuple[str, int]],
+           stages: dict[int, _StageBytes], pending: dict[int, float], cur: float, peak: float,
+           missing: float) -> tuple[float, float, float]:
+    """`_walk`'s loop from a given state: (cur, peak, missing) after `actions`; pops the
+    stages whose late gradients came back from `pending`."""
     for kind, s in actions:
         st = stages[s]
         if kind == "F":
@@ -524,7 +653,7 @@ def _walk(actions: list[tuple[str, int]], stages: dict[int, _StageBytes],
         else:  # W after a real I
             cur -= st.held + st.w_pending
         peak = max(peak, cur - missing)
-    return peak, cur
+    return cur, peak, missing
 
 
 def memory_per_rank(config: LlamaConfig, cand: Candidate, *, seq_len: int, global_batch: int,
@@ -609,9 +738,10 @@ def memory_per_rank(config: LlamaConfig, cand: Candidate, *, seq_len: int, globa
     per_layers = _layers_per_stage(config, n_stages)
     shard = cand.dp if cand.offload else cand.dp_shard
     if own_runtime:
-        stage_to_rank, actions = _schedule_actions(cand, m)
+        stage_to_rank, runs = _schedule_runs(cand, m)
     else:
-        stage_to_rank, actions = (0,), [[("F", 0), ("B", 0)]]
+        one_at_a_time: tuple[_Run, ...] = (((("F", 0), ("B", 0)), 1),)
+        stage_to_rank, runs = (0,), (one_at_a_time,)
 
     kw = dict(seq_len=seq_len, micro_batch=b, tp=tp, sp=sp, dtypes=dtypes)
     layer = activation_bytes_per_layer(config, recompute=cand.recompute, **kw)
@@ -675,13 +805,15 @@ def memory_per_rank(config: LlamaConfig, cand: Candidate, *, seq_len: int, globa
                                 grad_in=grad_bytes if s > 0 else 0.0, w_pending=w_pending)
     ids = m * e * 2 * _INDEX  # every micro-batch's inputs and targets, built up front
 
+    # Per stage, then per distinct stage size: the middle stages of a deep pipeline are alike.
+    numels = _stage_numels(config, n_stages, tp)
+    state_of = {x: model_state_bytes(numel=x, zero_stage=zero, dp_shard=shard, dtypes=dtypes,
+                                     offload=cand.offload) for x in set(numels)}
     out = []
-    for r in range(cand.pp):
-        mine = [s for s, rr in enumerate(stage_to_rank) if rr == r]
-        psi = [stage_numel(config, stage=s, n_stages=n_stages, tp=tp) for s in mine]
+    for r, mine in enumerate(_rank_stages(stage_to_rank, cand.pp)):
+        psi = [numels[s] for s in mine]
         psi_r = float(sum(psi))
-        states = [model_state_bytes(numel=x, zero_stage=zero, dp_shard=shard, dtypes=dtypes,
-                                    offload=cand.offload) for x in psi]
+        states = [state_of[x] for x in psi]
         params = sum(st["params"] for st in states)
         grads = sum(st["grads"] for st in states)
         optimizer = sum(st["optimizer"] for st in states)
@@ -691,7 +823,7 @@ def memory_per_rank(config: LlamaConfig, cand: Candidate, *, seq_len: int, globa
         # start; each stage's first backward brings its own back.
         late = {s: st["grads"] for s, st in zip(mine, states, strict=True)} \
             if own_runtime and zero == 0 else {}
-        peak, end = _walk(actions[r], stages, late)
+        peak, end = _walk_runs(runs[r], stages, late)
         acts = peak + ids
 
         # AdamW (foreach is off on CPU) and clipping: two temporaries of the largest tensor
@@ -735,6 +867,24 @@ def memory_per_rank(config: LlamaConfig, cand: Candidate, *, seq_len: int, globa
                                    buffers=float(buffers), host=float(host),
                                    step_buffers=float(step), pp_rank=r))
     return out
+
+
+def _stage_numels(config: LlamaConfig, n_stages: int, tp: int) -> list[int]:
+    """`stage_numel` of every stage: the first and the last differ, the rest are alike."""
+    middle = stage_numel(config, stage=1, n_stages=n_stages, tp=tp) if n_stages > 2 else 0
+    return [stage_numel(config, stage=s, n_stages=n_stages, tp=tp) if s in (0, n_stages - 1)
+            else middle for s in range(n_stages)]
+
+
+@functools.lru_cache(maxsize=1024)
+def _rank_stages(stage_to_rank: tuple[int, ...], pp: int) -> tuple[tuple[int, ...], ...]:
+    """The stages each of `pp` ranks holds, in stage order (memoised: a scan per rank of a
+    deep pipeline's stages costs O(stages x ranks) per candidate)."""
+    held: list[list[int]] = [[] for _ in range(pp)]
+    for s, r in enumerate(stage_to_rank):
+        if r < pp:
+            held[r].append(s)
+    return tuple(tuple(stages) for stages in held)
 
 
 def peak_memory(config: LlamaConfig, cand: Candidate, *, seq_len: int, global_batch: int,
