@@ -154,6 +154,17 @@ class FaultConfig:
     startup_timeout_s: float = 180.0
     collective_timeout_s: float = 300.0
     shutdown_grace_s: float = 30.0
+    # What a lost worker costs: auto = the cheapest exact source (a surviving data-parallel
+    # replica, else the newest checkpoint: peer memory or disk, everyone rolling back);
+    # replica / checkpoint force one; none = the run fails (the behaviour before recovery).
+    policy: str = "auto"
+    # Failures a run survives before it gives up (each one is a new generation).
+    max_failures: int = 3
+    # Fault injection: [{rank: 1, step: 20, kind: kill}, ...]; kind in kill (SIGKILL),
+    # stop (SIGSTOP: frozen), exit (exit code 1), slow (sleep slow_s each step from then on).
+    # An injection fires once, in the worker that was started first for that rank.
+    inject: list[Any] = field(default_factory=list)
+    slow_s: float = 1.0
 
 
 @dataclass
@@ -432,6 +443,17 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     f = run.fault
     for key in ("heartbeat_s", "heartbeat_timeout_s", "startup_timeout_s", "collective_timeout_s"):
         _positive(f"fault.{key}", getattr(f, key))
+    _require(f.policy in ("auto", "replica", "checkpoint", "none"),
+             f"fault.policy={f.policy!r}: choose auto, replica, checkpoint or none.")
+    _require(f.max_failures >= 0, f"fault.max_failures={f.max_failures} must be >= 0.")
+    for i, inj in enumerate(f.inject):
+        _require(isinstance(inj, dict) and {"rank", "step", "kind"} <= set(inj),
+                 f"fault.inject[{i}]={inj!r}: each injection is {{rank: R, step: S, kind: K}}.")
+        _require(inj["kind"] in ("kill", "stop", "exit", "slow"),
+                 f"fault.inject[{i}].kind={inj['kind']!r}: choose kill, stop, exit or slow.")
+        _require(0 <= int(inj["rank"]) < run.world_size,
+                 f"fault.inject[{i}].rank={inj['rank']} is not a rank of this "
+                 f"{run.world_size}-worker run.")
     _require(f.heartbeat_timeout_s > 2 * f.heartbeat_s,
              f"fault.heartbeat_timeout_s={f.heartbeat_timeout_s} must exceed twice "
              f"fault.heartbeat_s={f.heartbeat_s}, or a healthy worker is declared dead.")

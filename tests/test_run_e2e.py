@@ -136,7 +136,7 @@ def controller():
 
 def test_worker_sigkill_fails_run_cleanly(tmp_path, controller):
     run_dir = tmp_path / "kill"
-    proc = _start([*LONG, "--run-dir", str(run_dir)])
+    proc = _start([*LONG, "fault.policy=none", "--run-dir", str(run_dir)])
     controller.append(proc)
     _wait_for_steps(run_dir, 3, proc)
     pids = _worker_pids(run_dir)
@@ -144,7 +144,7 @@ def test_worker_sigkill_fails_run_cleanly(tmp_path, controller):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "worker rank 1" in err and "was killed by signal SIGKILL" in err
-    assert "cannot recover a lost worker yet" in err
+    assert "Not recovered (fault.policy=none)" in err
     assert not any(_alive(p) for p in pids.values())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed"
@@ -177,7 +177,7 @@ def test_interrupt_stops_workers_at_a_step_boundary(tmp_path, controller, sig):
 def test_frozen_worker_is_declared_dead_and_killed(tmp_path, controller):
     run_dir = tmp_path / "frozen"
     proc = _start([*LONG, "fault.heartbeat_s=0.5", "fault.heartbeat_timeout_s=3",
-                   "--run-dir", str(run_dir)])
+                   "fault.policy=none", "--run-dir", str(run_dir)])
     controller.append(proc)
     _wait_for_steps(run_dir, 3, proc)
     pids = _worker_pids(run_dir)

@@ -49,16 +49,15 @@ def buddy_of(rank: int, world: int, *, ranks_per_node: int, ranks_per_stage: int
 
 
 class CheckpointManager:
-    # Persister worlds started by this process so far: each needs its own store prefix (a
-    # second world on the same keys would rendezvous with the first one's stale entries).
-    # Every rank creates managers in the same order, so the count agrees across ranks.
-    _worlds = 0
-
     def __init__(self, run: Any, trainer: Any, *, root: str | Path, rank: int, world: int,
                  token: str | None, events: Callable[[dict[str, Any]], None],
                  generation: int = 0, host: str | None = None, port: int | None = None,
-                 ranks_per_node: int | None = None) -> None:
+                 ranks_per_node: int | None = None, instance: int = 0) -> None:
+        """`generation` and `instance` name the persisters' store prefix: a second persister
+        world on the same keys would rendezvous with the first one's stale entries, so each
+        generation (and each manager of one generation, e.g. in tests) gets its own."""
         ck = run.checkpoint
+        self.instance = instance
         self.run, self.trainer, self.rank, self.world = run, trainer, rank, world
         self.root, self.token, self.events = Path(root), token, events
         self.memory_every = ck.memory_every or min(e for e in (ck.disk_every, ck.peer_every,
@@ -95,9 +94,8 @@ class CheckpointManager:
                     if buddy_of(r, self.world, ranks_per_node=per_node,
                                 ranks_per_stage=stage_block) == self.rank)
         ck = self.run.checkpoint
-        CheckpointManager._worlds += 1
         cfg = {"host": host, "port": port, "rank": self.rank,
-               "prefix": f"g{generation}/persist{CheckpointManager._worlds}",
+               "prefix": f"g{generation}/persist{self.instance}",
                "world": self.world, "token": self.token, "root": str(self.root),
                "keep_last": ck.keep_last, "keep_every": ck.keep_every,
                "timeout_s": ck.persist_timeout_s, "buddy": buddy, "ward": ward}
@@ -158,9 +156,15 @@ class CheckpointManager:
         self.in_use.clear()
 
     def _free_set(self) -> int:
-        """A buffer set the persister is not reading, waiting for one if all are in use."""
+        """A buffer set the persister is not reading, waiting for one if all are in use (but
+        not for ever: a persister silent for persist_timeout_s is given up)."""
         assert self.snap is not None
+        deadline = time.monotonic() + self.run.checkpoint.persist_timeout_s
         while True:
+            if time.monotonic() > deadline and self.proc is not None:
+                self.proc.kill()
+                self.proc.join(timeout=10)
+                self._lost_persister()
             self.poll()
             free = [i for i in range(len(self.snap.sets)) if i not in self.in_use]
             if free:
@@ -227,6 +231,20 @@ class CheckpointManager:
                 "blocking_s": list(s.blocking_s) if s else [],
                 "copy_s": list(s.copy_s) if s else [], "state_bytes": s.nbytes if s else 0,
                 "saved": self.saved, "failed": self.failed, "peer_steps": self.peer_steps}
+
+    def abandon(self) -> None:
+        """The generation ended under us: the persisters' world includes the lost rank, so
+        stop this one now (a new generation starts a new persister world); the snapshot
+        buffers stay readable until this manager is dropped."""
+        if self.snap is not None:
+            try:
+                self.snap.wait()
+            except RuntimeError:
+                pass
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.join(timeout=10)
+            self.proc = None
 
     def close(self, timeout_s: float | None = None) -> None:
         """Finish the copy, let the persister finish what it was given, stop it."""

@@ -65,8 +65,8 @@ def _write_timeline(run_dir: Path, rank: int, layout, trainer, step: int) -> Non
         {"step": step, "pp_rank": coords["pp"], "events": [vars(e) for e in events]}))
 
 
-def _checkpoint_manager(run, trainer, cp, *, rank: int, world: int, token: str, run_dir: Path,
-                        generation: int, host: str, port: int):
+def _checkpoint_manager(run, trainer, report, *, rank: int, world: int, token: str,
+                        run_dir: Path, generation: int, host: str, port: int):
     """The checkpoint levels this recipe asks for, reporting into the controller's events."""
     ck = run.checkpoint
     if not (ck.memory_every or ck.disk_every or ck.peer_every):
@@ -74,33 +74,57 @@ def _checkpoint_manager(run, trainer, cp, *, rank: int, world: int, token: str, 
     from phalanx.checkpoint.manager import CheckpointManager
     from phalanx.checkpoint.reshard import default_root
 
-    seq = [0]
-
-    def report(event: dict) -> None:
+    def events(event: dict) -> None:
         # Saves are collective: rank 0 speaks for all; every rank reports its own failures.
-        if rank != 0 and event["event"] != "checkpoint_failed":
-            return
-        try:
-            cp.set(f"event/{rank}/{seq[0]}", event)
-            seq[0] += 1
-        except Exception:  # noqa: BLE001 - an unreachable controller is the heartbeat's job
-            log.warning("could not report %s", event.get("event"))
+        if rank == 0 or event["event"] == "checkpoint_failed":
+            report(event)
 
     return CheckpointManager(run, trainer, root=default_root(run, run_dir), rank=rank,
-                             world=world, token=token, events=report, generation=generation,
+                             world=world, token=token, events=events, generation=generation,
                              host=host, port=port,
                              ranks_per_node=run.cluster.devices_per_node)
+
+
+class _Injector:
+    """fault.inject for this rank: each injection fires once, in the first worker started for
+    the rank (a replacement does not re-enact its predecessor's failure)."""
+
+    def __init__(self, run, rank: int, *, replacement: bool) -> None:
+        self.pending = [] if replacement else sorted(
+            (int(i["step"]), i["kind"]) for i in run.fault.inject if int(i["rank"]) == rank)
+        self.slow_s = run.fault.slow_s
+        self.slow = False
+
+    def before_step(self, step: int, report) -> None:
+        import signal
+        import time as _t
+
+        while self.pending and self.pending[0][0] <= step:
+            at, kind = self.pending.pop(0)
+            report({"event": "fault_injected", "kind": kind, "step": step, "at": _t.time()})
+            log.warning("fault injection: %s at step %d", kind, step)
+            logging.shutdown()
+            if kind == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif kind == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            elif kind == "exit":
+                os._exit(1)
+            elif kind == "slow":
+                self.slow = True
+        if self.slow:
+            _t.sleep(self.slow_s)
 
 
 def main() -> int:
     # A crash or abort prints every thread's Python stack into the worker log.
     faulthandler.enable(all_threads=True)
     rank = int(os.environ["RANK"])
-    world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     token = os.environ["PHALANX_TOKEN"]
     generation = int(os.environ.get("PHALANX_GENERATION", "0"))
+    replacement = os.environ.get("PHALANX_REPLACEMENT") == "1"
     run_dir = Path(os.environ["PHALANX_RUN_DIR"])
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
@@ -110,56 +134,159 @@ def main() -> int:
 
     from phalanx.config import RunConfig
     from phalanx.data import open_tokens
+    from phalanx.orchestrator.commit import RUN, CommitGate, GenerationChanged, current_generation
     from phalanx.orchestrator.control_plane import ControlPlane, connect
     from phalanx.orchestrator.corpus import corpus_from_dict
     from phalanx.orchestrator.plan import Plan
-    from phalanx.parallel.factory import build_trainer
 
     store = connect(host, port, timeout_s=60)
+    run_cp = ControlPlane(store, token=token, generation=RUN)
     cp = ControlPlane(store, token=token, generation=generation)
     run = RunConfig.from_dict(cp.wait("config", timeout_s=60))
     plan = Plan.from_json(cp.wait("plan", timeout_s=60))
     torch.set_num_threads(plan.threads_per_worker)
     _pin_cores(local_rank, plan.threads_per_worker)
-    assert plan.world_size == world, f"plan world {plan.world_size} != WORLD_SIZE {world}"
 
     state = {"step": -1}
     stop_hb = threading.Event()
     hb_thread = threading.Thread(target=_heartbeat, daemon=True, name="heartbeat",
-                                 args=(host, port, token, generation, rank, run.fault.heartbeat_s,
+                                 args=(host, port, token, RUN, rank, run.fault.heartbeat_s,
                                        state, stop_hb))
     hb_thread.start()
+    seq = [0]
+
+    def report(event: dict) -> None:
+        try:
+            run_cp.set(f"event/{os.getpid()}/{seq[0]}", {"rank": rank, **event})
+            seq[0] += 1
+        except Exception:  # noqa: BLE001 - an unreachable controller is the heartbeat's job
+            log.warning("could not report %s", event.get("event"))
 
     if plan.backend == "nccl":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(plan.backend, store=dist.PrefixStore(f"g{generation}/pg", store),
-                            rank=rank, world_size=world,
-                            timeout=timedelta(seconds=run.fault.collective_timeout_s))
     tokens = open_tokens(corpus_from_dict(plan.corpus))
-    lay = plan.layout
-    trainer = build_trainer(run, rank=rank, layout=lay, schedule=plan.schedule, tokens=tokens,
-                            device=device)
-    start = 0
-    resume = cp.wait("resume", timeout_s=60)
-    if resume:
-        from phalanx.checkpoint.reshard import load_trainer
+    injector = _Injector(run, rank, replacement=replacement)
+    old_trainer, step, res = None, 0, None
+    while True:
+        # One generation: its groups, its trainer (rebuilt), its recovery, its steps.
+        dist.init_process_group(plan.backend,
+                                store=dist.PrefixStore(f"g{generation}/pg", store), rank=rank,
+                                world_size=plan.world_size,
+                                timeout=timedelta(seconds=run.fault.collective_timeout_s))
+        trainer, start, manager = _enter_generation(
+            run, plan, cp, rank=rank, device=device, tokens=tokens, old=old_trainer,
+            token=token, run_dir=run_dir, generation=generation, host=host, port=port,
+            report=report)
+        old_trainer = None
+        trainer.commit_gate = CommitGate(cp, run_cp, rank=rank)
+        cp.set(f"ready/{rank}", {"pid": os.getpid(), "start": start})
+        try:
+            step, res = _train(run, trainer, cp, rank=rank, start=start, state=state,
+                               manager=manager, injector=injector, report=report,
+                               run_dir=run_dir, generation=generation)
+            break
+        except (GenerationChanged, RuntimeError) as e:
+            # A peer died (gloo: connection reset) or the controller moved on: keep the
+            # tensors, drop the groups, wait for the next generation.
+            if manager is not None:
+                manager.abandon()
+            log.warning("generation %d ended at step %d: %s", generation,
+                        state["step"] + 1, str(e).splitlines()[0][:200])
+            report({"event": "generation_left", "generation": generation,
+                    "step": state["step"] + 1, "error": str(e).splitlines()[0][:200]})
+            deadline = time.monotonic() + run.fault.startup_timeout_s
+            while current_generation(run_cp) <= generation:
+                if time.monotonic() > deadline:
+                    log.error("no new generation within fault.startup_timeout_s; exiting")
+                    return 1
+                time.sleep(0.02)
+            _abandon_groups()
+            generation = current_generation(run_cp)
+            cp = ControlPlane(store, token=token, generation=generation)
+            plan = Plan.from_json(cp.wait("plan", timeout_s=60))
+            if rank not in {m.rank for m in plan.members}:
+                log.info("not a member of generation %d; exiting", generation)
+                return 0
+            old_trainer = trainer
+    from phalanx.checkpoint.recover import state_digest
 
-        start = load_trainer(trainer, resume["path"], token=token)
-        log.info("resumed from %s at step %d", resume["path"], start)
-    manager = _checkpoint_manager(run, trainer, cp, rank=rank, world=world, token=token,
-                                  run_dir=run_dir, generation=generation, host=host, port=port)
-    cp.set(f"ready/{rank}", {"pid": os.getpid()})
+    digest = state_digest(trainer, step=step + 1) if hasattr(trainer, "optimizer") and \
+        run.parallel.zero.backend == "torch" else None
+    dist.barrier()
+    cp.set(f"done/{rank}", {"last_step": step, "stopped": bool(res.stop) if res else False,
+                            "digest": digest, "generation": generation})
+    # Join before exit: a thread left inside a store call while the interpreter tears
+    # down aborts the process ("terminate called without an active exception").
+    stop_hb.set()
+    hb_thread.join(timeout=30)
+    dist.destroy_process_group()
+    return 0
 
+
+_ABANDONED: list = []
+
+
+def _abandon_groups() -> None:
+    """Forget every process group without shutting it down (DESIGN.md: abandon, not
+    destroy -- a gloo group whose peer vanished may block in its teardown). What
+    `destroy_process_group` resets, minus the shutdown; the groups stay referenced so no
+    destructor runs, and the group counter restarts so the next generation's group names
+    match those of a freshly started replacement."""
+    import torch.distributed.distributed_c10d as c10d
+
+    w = c10d._world
+    _ABANDONED.append(list(w.pg_map))
+    c10d._update_default_pg(None)
+    for table in (w.pg_map, w.pg_names, w.pg_group_ranks, w.pg_backend_config, w.pg_to_tag,
+                  w.tags_to_pg, w.pg_coalesce_state):
+        table.clear()
+    c10d._unregister_all_process_groups()
+    w.group_count = 0
+
+
+def _enter_generation(run, plan, cp, *, rank, device, tokens, old, token, run_dir, generation,
+                      host, port, report):
+    """Build the trainer on this generation's groups and give it its state: fresh (or from
+    checkpoint.resume), carried over from this worker's previous trainer, received from a
+    replica, or rolled back to a checkpoint -- as the controller's `recovery` record says."""
+    from phalanx.checkpoint.recover import carry_over, replica_transfer
+    from phalanx.checkpoint.reshard import load_trainer
+    from phalanx.parallel.factory import build_trainer
+
+    trainer = build_trainer(run, rank=rank, layout=plan.layout, schedule=plan.schedule,
+                            tokens=tokens, device=device)
+    rec = cp.wait("recovery", timeout_s=60)
+    kind, start = rec.get("kind", "fresh"), int(rec.get("step", 0))
+    if kind == "replica":
+        if old is not None:
+            carry_over(old, trainer, step=start)
+        replica_transfer(trainer, rank=rank,
+                         sources={int(k): v for k, v in rec["sources"].items()}, step=start)
+    elif rec.get("path"):  # resume at start-up, or every rank rolls back to a checkpoint
+        start = load_trainer(trainer, rec["path"], token=token)
+        log.info("loaded %s at step %d (%s)", rec["path"], start, kind)
+    elif kind not in ("fresh", "restart"):
+        raise RuntimeError(f"recovery {kind} without a source")
+    # "restart": nothing survived anywhere; the rebuilt trainer starts from step 0.
+    manager = _checkpoint_manager(run, trainer, report, rank=rank, world=plan.world_size,
+                                  token=token, run_dir=run_dir, generation=generation,
+                                  host=host, port=port)
+    return trainer, start, manager
+
+
+def _train(run, trainer, cp, *, rank, start, state, manager, injector, report, run_dir,
+           generation):
+    t = run.trainer
     audit = None
-    if run.trainer.audit_samples:
+    if t.audit_samples:
         (run_dir / "audit").mkdir(parents=True, exist_ok=True)
         audit = open(run_dir / "audit" / f"rank{rank}.jsonl", "a")
-    t = run.trainer
-    step = start
+    step, res = start, None
     for step in range(start, t.steps):
+        injector.before_step(step, report)
         res = trainer.train_step(step, stop_requested=cp.has("stop"))
         state["step"] = step
         if manager is not None:
@@ -172,7 +299,8 @@ def main() -> int:
         if rank == 0:
             rec = {"step": step, "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
                    "tokens": res.tokens, "step_time_s": res.step_time_s,
-                   "tokens_per_s": res.tokens / res.step_time_s, "skipped": res.skipped}
+                   "tokens_per_s": res.tokens / res.step_time_s, "skipped": res.skipped,
+                   "generation": generation}
             if val is not None:
                 rec["val_loss"] = val
             if manager is not None and manager.snap is not None and manager.snap.blocking_s:
@@ -182,17 +310,10 @@ def main() -> int:
             break
     if manager is not None:
         manager.close()  # the last checkpoint is durable before this worker reports done
-    _write_timeline(run_dir, rank, lay, trainer, step)
+    _write_timeline(run_dir, rank, trainer.layout, trainer, step)
     if audit is not None:
         audit.close()
-    dist.barrier()
-    cp.set(f"done/{rank}", {"last_step": step, "stopped": bool(res.stop)})
-    # Join before exit: a thread left inside a store call while the interpreter tears
-    # down aborts the process ("terminate called without an active exception").
-    stop_hb.set()
-    hb_thread.join(timeout=30)
-    dist.destroy_process_group()
-    return 0
+    return step, res
 
 
 if __name__ == "__main__":

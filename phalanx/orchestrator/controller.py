@@ -8,6 +8,7 @@ elastic issue and plugs in where `_fail` is called.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 import os
 import secrets
@@ -24,9 +25,11 @@ import torch
 import torch.distributed as dist
 
 from phalanx.config import ConfigError, RunConfig
+from phalanx.orchestrator.commit import RUN, Committer
 from phalanx.orchestrator.console import Console
 from phalanx.orchestrator.control_plane import TOKEN_ENV, ControlPlane
 from phalanx.orchestrator.corpus import corpus_to_dict, prepare_corpus
+from phalanx.orchestrator.membership import choose_recovery, publish_generation
 from phalanx.orchestrator.plan import Plan, plan_single_node
 from phalanx.orchestrator.run_dir import RunDir
 from phalanx.orchestrator.timeline import export_timeline
@@ -103,6 +106,11 @@ class Controller:
         self.checkpoints: list[dict[str, Any]] = []
         self.resumed: dict[str, Any] | None = None
         self._event_seq: dict[int, int] = {}
+        self.injected: list[dict[str, Any]] = []
+        self.recoveries: list[dict[str, Any]] = []
+        self._pending_recovery: dict[str, Any] | None = None
+        self.done_records: dict[int, dict[str, Any]] = {}
+        self.replicas_agree: bool | None = None
 
     # -- signals: the first Ctrl-C/SIGTERM asks for a stop at a step boundary, the second forces.
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -125,10 +133,15 @@ class Controller:
         self.dir.write_plan(plan.to_json())
         start_step = self._resolve_resume()
         store = dist.TCPStore("127.0.0.1", self.port, is_master=True, wait_for_workers=False)
-        cp = ControlPlane(store, token=self.token, generation=plan.generation)
-        cp.set("config", self.run.to_dict())
-        cp.set("plan", plan.to_json())
-        cp.set("resume", self.resumed or {})
+        self.store = store
+        self.run_cp = ControlPlane(store, token=self.token, generation=RUN)
+        recovery = ({"kind": "resume", "path": self.resumed["path"], "step": start_step}
+                    if self.resumed else {"kind": "fresh", "step": 0})
+        cp = publish_generation(store, token=self.token, generation=plan.generation,
+                                config=self.run.to_dict(), plan_json=plan.to_json(),
+                                recovery=recovery)
+        self.committer = Committer(cp, ranks=[m.rank for m in plan.members], first_step=start_step)
+        self.committer.start()
         self.dir.event("generation", generation=plan.generation, world_size=plan.world_size,
                        layout=plan.layout.to_dict())
         console = Console(self.run.logging, total_steps=self.run.trainer.steps)
@@ -138,11 +151,12 @@ class Controller:
         wandb_run = self._start_wandb()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            self._spawn(plan, store.port)
+            self._spawn(plan, store.port, list(plan.members))
             status, message = self._watch(cp, plan, console, wandb_run, start_step)
         except KeyboardInterrupt:
             status, message = "failed", "forced stop (second interrupt); workers were killed."
         finally:
+            self.committer.stop()
             self._terminate_all()
             console.close()
             for s, h in old.items():
@@ -176,8 +190,8 @@ class Controller:
         return wandb.init(project=lg.wandb_project, mode=lg.wandb_mode, dir=str(self.dir.path),
                           name=self.dir.path.name, config=self.run.to_dict())
 
-    def _spawn(self, plan: Plan, port: int) -> None:
-        for m in plan.members:
+    def _spawn(self, plan: Plan, port: int, members: list, *, replacement: bool = False) -> None:
+        for m in members:
             env = dict(os.environ)
             threads = str(plan.threads_per_worker)
             env.update({
@@ -187,6 +201,7 @@ class Controller:
                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                 TOKEN_ENV: self.token, "PHALANX_GENERATION": str(plan.generation),
                 "PHALANX_RUN_DIR": str(self.dir.path),
+                "PHALANX_REPLACEMENT": "1" if replacement else "0",
                 # Without a thread budget, each worker's OpenMP pool takes every core and
                 # multi-process steps run 10-15x slower on a small machine.
                 "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
@@ -199,7 +214,10 @@ class Controller:
                 proc = subprocess.Popen([sys.executable, "-m", "phalanx.launch.worker"], env=env,
                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         start_new_session=True, preexec_fn=_die_with_parent)
-            self.workers.append(_Worker(rank=m.rank, proc=proc, log_path=log_path))
+            self.workers = [w for w in self.workers if w.rank != m.rank]
+            self.workers.append(_Worker(rank=m.rank, proc=proc, log_path=log_path,
+                                        hb_seen=time.monotonic()))
+            self.workers.sort(key=lambda w: w.rank)
             self.dir.event("worker_start", rank=m.rank, pid=proc.pid, generation=plan.generation)
 
     def _resolve_resume(self) -> int:
@@ -233,12 +251,14 @@ class Controller:
 
         return default_root(self.run, self.dir.path)
 
-    def _drain_events(self, cp: ControlPlane, console: Console) -> None:
-        """Workers' events (checkpoints saved or failed) into events.jsonl and the console."""
+    def _drain_events(self, console: Console) -> None:
+        """Workers' events (checkpoints, injected faults, generations left) into events.jsonl
+        and the console; keyed by process, so a replacement's events never collide."""
         for w in self.workers:
-            seq = self._event_seq.get(w.rank, 0)
-            while (rec := cp.get(f"event/{w.rank}/{seq}")) is not None:
-                cp.delete(f"event/{w.rank}/{seq}")
+            pid = w.proc.pid
+            seq = self._event_seq.get(pid, 0)
+            while (rec := self.run_cp.get(f"event/{pid}/{seq}")) is not None:
+                self.run_cp.delete(f"event/{pid}/{seq}")
                 seq += 1
                 name = rec.pop("event")
                 self.dir.event(name, **rec)
@@ -251,7 +271,11 @@ class Controller:
                     console.note(f"checkpoint {rec.get('command')} at step {rec.get('step')} "
                                  f"failed on rank {rec.get('rank')}: {rec.get('error')} "
                                  "(training continues)", warning=True)
-            self._event_seq[w.rank] = seq
+                elif name == "fault_injected":
+                    self.injected.append({**rec, "t": time.monotonic()})
+                    console.note(f"fault injected: {rec['kind']} rank {rec['rank']} at step "
+                                 f"{rec['step']}", warning=True)
+            self._event_seq[pid] = seq
 
     def _watch(self, cp: ControlPlane, plan: Plan, console: Console,
                wandb_run: Any, start_step: int = 0) -> tuple[str, str]:
@@ -262,7 +286,9 @@ class Controller:
         while True:
             now = time.monotonic()
             next_step = self._drain_metrics(cp, next_step, t0, console, wandb_run)
-            self._drain_events(cp, console)
+            self._drain_events(console)
+            self._note_recovered(console)
+            lost: list[tuple[_Worker, int | None, str, str]] = []
             for w in self.workers:
                 rc = w.proc.poll()
                 # After poll: a worker writes done/ before it exits, so an exit seen here
@@ -270,25 +296,42 @@ class Controller:
                 if not w.done and cp.has(f"done/{w.rank}"):
                     w.done = True
                 if rc is not None and (rc != 0 or not w.done):
-                    w = self._root_cause(w)
-                    rc = w.proc.returncode
-                    return self._fail(w, rc, f"worker rank {w.rank} (pid {w.proc.pid}) "
-                                      f"{_describe_exit(rc)}")
-                hb = cp.get(f"hb/{w.rank}")
+                    lost.append((w, rc, f"worker rank {w.rank} (pid {w.proc.pid}) "
+                                 f"{_describe_exit(rc)}", "worker_exit"))
+                    continue
+                hb = self.run_cp.get(f"hb/{w.rank}")
+                if hb is not None and hb.get("pid") != w.proc.pid:
+                    hb = None  # the previous incarnation's last beat
                 if hb is not None and hb != w.hb_value:
                     w.hb_value, w.hb_seen, w.step = hb, now, hb["step"]
-                if rc is None and w.hb_value is None and now - t0 > f.startup_timeout_s:
+                if rc is None and w.hb_value is None and now - w.hb_seen > f.startup_timeout_s:
                     return self._fail(w, None, f"worker rank {w.rank} sent no heartbeat within "
                                       f"fault.startup_timeout_s={f.startup_timeout_s:.0f} s",
                                       kind="startup_timeout")
                 if rc is None and w.hb_value is not None and now - w.hb_seen > f.heartbeat_timeout_s:
-                    return self._fail(w, None, f"worker rank {w.rank} (pid {w.proc.pid}) sent no "
-                                      f"heartbeat for {now - w.hb_seen:.0f} s (frozen or "
-                                      "partitioned; fault.heartbeat_timeout_s="
-                                      f"{f.heartbeat_timeout_s:.0f})", kind="heartbeat_timeout")
+                    lost.append((w, None, f"worker rank {w.rank} (pid {w.proc.pid}) sent no "
+                                 f"heartbeat for {now - w.hb_seen:.0f} s (frozen or "
+                                 "partitioned; fault.heartbeat_timeout_s="
+                                 f"{f.heartbeat_timeout_s:.0f})", "heartbeat_timeout"))
+            if lost:
+                if self._signal is not None or not self._can_recover(plan):
+                    w, rc, what, kind = lost[0]
+                    if kind == "worker_exit":
+                        w = self._root_cause(w)
+                        rc = w.proc.returncode
+                        what = f"worker rank {w.rank} (pid {w.proc.pid}) {_describe_exit(rc)}"
+                    return self._fail(w, rc, what, kind=kind)
+                cp, plan, next_step = self._recover(lost, cp, plan, console, next_step, t0,
+                                                    wandb_run)
+                if cp is None:
+                    return "failed", self._recover_failed
+                continue
             if all(w.done and w.proc.poll() == 0 for w in self.workers):
+                self.done_records = {w.rank: cp.get(f"done/{w.rank}") or {} for w in self.workers}
+                self._check_replicas(plan)
                 next_step = self._drain_metrics(cp, next_step, t0, console, wandb_run)
-                self._drain_events(cp, console)
+                self._drain_events(console)
+                self._note_recovered(console)
                 if self._signal is not None and next_step < self.run.trainer.steps:
                     name = signal.Signals(self._signal).name
                     return "failed", f"stopped by {name} after step {next_step} of " \
@@ -303,6 +346,117 @@ class Controller:
                 return "failed", f"workers did not stop within fault.shutdown_grace_s=" \
                     f"{f.shutdown_grace_s:.0f} s of the stop request; they were killed."
             time.sleep(POLL_S)
+
+    def _check_replicas(self, plan: Plan) -> None:
+        """Invariant 2 at the end of every run: data-parallel replicas of a shard finished
+        with identical parameters and optimizer state (digests the workers computed)."""
+        digests = {r: d.get("digest") for r, d in self.done_records.items()}
+        if any(v is None for v in digests.values()):
+            return
+        groups: dict[tuple, set[str]] = {}
+        for r, d in digests.items():
+            key = tuple(v for k, v in plan.layout.coords(r).items() if k != "dp_replicate")
+            groups.setdefault(key, set()).add(d)
+        self.replicas_agree = all(len(v) == 1 for v in groups.values())
+        if not self.replicas_agree:
+            self.dir.event("replicas_disagree", digests=digests)
+            log.error("data-parallel replicas finished with different state: %s", digests)
+
+    # -- recovery ----------------------------------------------------------------------
+    def _no_recovery_reason(self) -> str | None:
+        f = self.run.fault
+        if f.policy == "none":
+            return "fault.policy=none"
+        if self.run.parallel.zero.backend == "deepspeed":
+            return "the DeepSpeed backend is not elastic"
+        if len(self.failures) >= f.max_failures:
+            return f"{len(self.failures)} failure(s) already, fault.max_failures={f.max_failures}"
+        if self._signal is not None:
+            return "a stop was requested"
+        return None
+
+    def _can_recover(self, plan: Plan) -> bool:
+        return self._no_recovery_reason() is None
+
+    def _fence(self, w: _Worker) -> None:
+        """SIGKILL a lost worker (a frozen one first woken so the kill lands) and reap it: a
+        fenced worker cannot write into a later generation, and its sockets close, which ends
+        the survivors' pending collectives with an error instead of a gloo timeout."""
+        if w.proc.poll() is None:
+            self._signal_group(w, signal.SIGKILL)
+            self._signal_group(w, signal.SIGCONT)
+        try:
+            w.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def _recover(self, lost: list, cp: ControlPlane, plan: Plan, console: Console,
+                 next_step: int, t0: float, wandb_run: Any):
+        """A new generation around the loss: fence, choose the source, publish, replace."""
+        t_detect, wall_detect = time.monotonic(), time.time()
+        time.sleep(0.2)  # peers that crashed along with the first loss show up now
+        lost_ranks = {w.rank for w, *_ in lost}
+        lost += [(w, w.proc.poll(), f"worker rank {w.rank} {_describe_exit(w.proc.poll())}",
+                  "worker_exit") for w in self.workers
+                 if w.rank not in lost_ranks and w.proc.poll() not in (None, 0) and not w.done]
+        lost_ranks = {w.rank for w, *_ in lost}
+        for w, _rc, what, kind in lost:
+            self._fence(w)
+            rec = self.dir.event("failure", kind=kind, rank=w.rank, pid=w.proc.pid,
+                                 exit_code=w.proc.returncode, step=next_step,
+                                 generation=plan.generation)
+            self.failures.append({k: v for k, v in rec.items() if k != "event"})
+            console.note(f"{what}: recovering", warning=True)
+        self.committer.stop()
+        next_step = self._drain_metrics(cp, next_step, t0, console, wandb_run)
+        committed = self.committer.committed + 1
+        recovery, why = choose_recovery(policy=self.run.fault.policy, layout=plan.layout,
+                                        lost=lost_ranks, committed_steps=committed,
+                                        checkpoint_root=self.checkpoint_root(), token=self.token)
+        if recovery is None:
+            self._recover_failed = f"lost rank(s) {sorted(lost_ranks)} and cannot recover: {why}"
+            return None, plan, next_step
+        gen = plan.generation + 1
+        new_plan = dataclasses.replace(plan, generation=gen)
+        self.dir.write_plan(new_plan.to_json())
+        cp = publish_generation(self.store, token=self.token, generation=gen,
+                                config=self.run.to_dict(), plan_json=new_plan.to_json(),
+                                recovery=recovery.record())
+        self.committer = Committer(cp, ranks=[m.rank for m in new_plan.members],
+                                   first_step=recovery.step)
+        self.committer.start()
+        self._spawn(new_plan, self.store.port, [m for m in new_plan.members
+                                               if m.rank in lost_ranks], replacement=True)
+        # Detection latency is measured from the injected fault when there was one (its
+        # wall-clock time in the worker), else unknown (0: the poll that saw the exit).
+        injected = [i for i in self.injected if i["rank"] in lost_ranks and "at" in i]
+        first_sign = min([i["at"] for i in injected] or [wall_detect])
+        self._pending_recovery = {
+            "kind": recovery.kind, "source": recovery.record(), "generation": gen,
+            "lost_ranks": sorted(lost_ranks), "why": why,
+            "detect_s": round(wall_detect - first_sign, 3),
+            "steps_lost": committed - recovery.step, "_t_detect": t_detect,
+            "_first_step": recovery.step}
+        self.dir.event("generation", generation=gen, world_size=new_plan.world_size,
+                       layout=new_plan.layout.to_dict(), recovery=recovery.record(), why=why)
+        console.note(f"generation {gen}: {recovery.kind} recovery ({why}); "
+                     f"{committed - recovery.step} committed step(s) lost", warning=True)
+        if recovery.step < next_step:
+            console.set_completed(recovery.step)
+        return cp, new_plan, recovery.step
+
+    def _note_recovered(self, console: Console) -> None:
+        """A recovery is complete when the new generation commits its first step."""
+        r = self._pending_recovery
+        if r is None or self.committer.committed < r["_first_step"]:
+            return
+        r["recover_s"] = round(time.monotonic() - r.pop("_t_detect"), 3)
+        r.pop("_first_step")
+        self.recoveries.append(r)
+        self._pending_recovery = None
+        self.dir.event("recovered", **r)
+        console.note(f"recovered ({r['kind']}) in {r['recover_s']:.2f} s after detection "
+                     f"({r['detect_s']:.2f} s to detect); training continues")
 
     def _drain_metrics(self, cp: ControlPlane, next_step: int, t0: float, console: Console,
                        wandb_run: Any) -> int:
@@ -335,9 +489,10 @@ class Controller:
                              step=step)
         self.failures.append({k: v for k, v in rec.items() if k != "event"})
         tail = _tail(w.log_path)
-        msg = (f"{what} near step {max(step, 0)} of {self.run.trainer.steps}. This build cannot "
-               "recover a lost worker yet, so the run stopped and the other workers were "
-               f"terminated. Worker log: {w.log_path}")
+        why = self._no_recovery_reason() or "no recovery source"
+        msg = (f"{what} near step {max(step, 0)} of {self.run.trainer.steps}. Not recovered "
+               f"({why}), so the run stopped and the other workers were terminated. "
+               f"Worker log: {w.log_path}")
         if tail:
             msg += f"\n  last lines:\n{tail}"
         return "failed", msg
@@ -366,8 +521,10 @@ class Controller:
 
     def _summary(self, status: str, message: str, plan: Plan, corpus: dict[str, Any],
                  wall_s: float) -> dict[str, Any]:
-        ms = self.metrics
-        step_time = sum(m["step_time_s"] for m in ms)
+        # After a rollback some steps ran twice: the committed record of a step is its last.
+        ms = list({m["step"]: m for m in self.metrics}.values())
+        ms.sort(key=lambda m: m["step"])
+        step_time = sum(m["step_time_s"] for m in self.metrics)
         vals = [m["val_loss"] for m in ms if "val_loss" in m]
         return {
             "status": status,
@@ -376,7 +533,9 @@ class Controller:
             "initial_loss": ms[0]["loss"] if ms else None,
             "final_loss": ms[-1]["loss"] if ms else None,
             "final_val_loss": vals[-1] if vals else None,
-            "tokens_per_s": sum(m["tokens"] for m in ms) / step_time if step_time else None,
+            "tokens_per_s": sum(m["tokens"] for m in self.metrics) / step_time if step_time
+            else None,
+            "steps_executed": len(self.metrics),
             "median_step_s": statistics.median(m["step_time_s"] for m in ms) if ms else None,
             "wall_s": round(wall_s, 3),
             "layout": plan.layout.to_dict(),
@@ -384,7 +543,9 @@ class Controller:
             "backend": plan.backend,
             "corpus": {k: corpus[k] for k in ("source", "sha256", "num_tokens")},
             "failures": self.failures,
-            "recoveries": [],
+            "recoveries": self.recoveries,
+            "replicas_agree": self.replicas_agree,
+            "state_digests": {str(r): d.get("digest") for r, d in self.done_records.items()},
             "resumed_from": self.resumed,
             "checkpoints": [{k: c[k] for k in ("step", "path", "bytes", "durable_s")}
                             for c in self.checkpoints],

@@ -96,6 +96,7 @@ class DataParallelTrainer(TrainerBase):
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         loss, skipped, stop = self._agree(loss_acc.item(), bool(torch.isfinite(grad_norm)),
                                           stop_requested, self.group)
+        self._commit(step, skipped)
         lr = self.optimizer.param_groups[0]["lr"]
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)

@@ -202,6 +202,7 @@ class PipelineTrainer(TrainerBase):
         loss, skipped, stop = self._agree(float(out.loss_sum) if self._counts_loss else 0.0,
                                           math.isfinite(float(norm)), stop_requested,
                                           self.world_group)
+        self._commit(step, skipped)
         lr = self.optimizer.param_groups[0]["lr"]
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)

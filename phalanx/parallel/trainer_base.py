@@ -9,6 +9,7 @@ small all-reduce that makes every rank take the same loss, skip and stop decisio
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +45,14 @@ def seed_everything(seed: int, rank: int) -> None:
 class TrainerBase:
     run: RunConfig
     device: torch.device
+    # Set by the worker: called as gate(step, finite=...) after the agreement and before the
+    # optimizer step; returns when the controller committed the step (DESIGN.md invariant 1)
+    # and raises when the step is abandoned. None: no gate (tests, benchmarks).
+    commit_gate: Callable[..., None] | None = None
+
+    def _commit(self, step: int, skipped: bool) -> None:
+        if self.commit_gate is not None:
+            self.commit_gate(step, finite=not skipped)
 
     def _setup_data(self, run: RunConfig, tokens: np.ndarray) -> None:
         t = run.trainer

@@ -49,7 +49,7 @@ def _job(job: dict, rank: int) -> dict:
             os.environ[DISK_LIMIT_ENV] = str(job["disk_limit"])  # inherited by the persister
         manager = CheckpointManager(run, trainer, root=job["root"], rank=rank,
                                     world=dist.get_world_size(), token=None,
-                                    events=events.append)
+                                    events=events.append, instance=job["index"])
         os.environ.pop(DISK_LIMIT_ENV, None)
     kill = job.get("kill_persister") or {}
     losses = []
@@ -97,7 +97,7 @@ def main(spec_path: str) -> None:
                           timeout=timedelta(seconds=120))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
-    out = {job["name"]: _job(job, rank) for job in spec["jobs"]}
+    out = {job["name"]: _job({**job, "index": i}, rank) for i, job in enumerate(spec["jobs"])}
     dist.barrier()
     per_rank: list = [None] * world
     dist.all_gather_object(per_rank, out)

@@ -1,0 +1,86 @@
+"""Generations: every change of membership is a new generation with its own store prefix.
+
+The controller publishes, under `g{G}/`: the recipe, the plan (members + layout), and the
+`recovery` record that tells each worker where its state comes from:
+
+    {"kind": "fresh", "step": 0}                                   first generation
+    {"kind": "resume", "path": CKPT, "step": S}                    checkpoint.resume
+    {"kind": "replica", "step": S, "sources": {lost: source}}      exact, no rollback
+    {"kind": "checkpoint", "path": CKPT, "step": S}                every rank rolls back
+    {"kind": "restart", "step": 0}                                 nothing to recover from
+
+then flips the run-global `current` key, which is what survivors wait for. Workers that
+are members build their groups under `g{G}/pg`; the old groups are abandoned.
+
+The choice of source (`choose_recovery`) is the recovery policy: the cheapest exact source
+first -- a live data-parallel replica of every lost shard (no step is lost) -- else the
+newest verified checkpoint (peer memory or disk: every rank rolls back to its step).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phalanx.orchestrator.commit import RUN
+from phalanx.orchestrator.control_plane import ControlPlane
+
+log = logging.getLogger("phalanx.controller")
+
+__all__ = ["Recovery", "choose_recovery", "publish_generation"]
+
+
+@dataclass
+class Recovery:
+    kind: str
+    step: int
+    sources: dict[int, int] | None = None
+    path: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "step": self.step}
+        if self.sources is not None:
+            out["sources"] = {str(k): v for k, v in self.sources.items()}
+        if self.path is not None:
+            out["path"] = self.path
+        return out
+
+
+def choose_recovery(*, policy: str, layout: Any, lost: set[int], committed_steps: int,
+                    checkpoint_root: Path, token: str | None) -> tuple[Recovery | None, str]:
+    """(recovery, why). `committed_steps`: optimizer steps the survivors have committed."""
+    from phalanx.checkpoint.recover import replica_source
+    from phalanx.checkpoint.store import latest
+
+    alive = set(range(layout.world_size)) - lost
+    if policy in ("auto", "replica"):
+        sources = {r: replica_source(layout, r, alive) for r in sorted(lost)}
+        if all(s is not None for s in sources.values()):
+            return Recovery("replica", committed_steps, sources=sources), \
+                "a data-parallel replica of every lost shard is alive"
+        if policy == "replica":
+            return None, (f"fault.policy=replica but rank(s) {sorted(lost)} have no live replica "
+                          f"(parallel.dp_replicate={layout.dp_replicate})")
+    if policy in ("auto", "checkpoint"):
+        path, manifest, skipped = latest(checkpoint_root, token=token)
+        for bad, why in skipped:
+            log.warning("recovery skips checkpoint %s: %s", bad, why)
+        if path is not None:
+            return Recovery("checkpoint", int(manifest["step"]), path=str(path)), \
+                f"no live replica; newest verified checkpoint is step {manifest['step']}"
+        return Recovery("restart", 0), "no live replica and no checkpoint: restarting from step 0"
+    return None, f"fault.policy={policy}"
+
+
+def publish_generation(store: Any, *, token: str, generation: int, config: dict[str, Any],
+                       plan_json: str, recovery: dict[str, Any]) -> ControlPlane:
+    """Write generation G's keys, then make it current (the order matters: a survivor that
+    sees `current` must find the plan and the recovery record already there)."""
+    cp = ControlPlane(store, token=token, generation=generation)
+    cp.set("config", config)
+    cp.set("plan", plan_json)
+    cp.set("recovery", recovery)
+    ControlPlane(store, token=token, generation=RUN).set("current", {"generation": generation})
+    return cp
