@@ -140,7 +140,8 @@ class Controller:
         cp = publish_generation(store, token=self.token, generation=plan.generation,
                                 config=self.run.to_dict(), plan_json=plan.to_json(),
                                 recovery=recovery)
-        self.committer = Committer(cp, ranks=[m.rank for m in plan.members], first_step=start_step)
+        self.committer = Committer(self._own_connection(plan.generation),
+                                   ranks=[m.rank for m in plan.members], first_step=start_step)
         self.committer.start()
         self.dir.event("generation", generation=plan.generation, world_size=plan.world_size,
                        layout=plan.layout.to_dict())
@@ -347,6 +348,12 @@ class Controller:
                     f"{f.shutdown_grace_s:.0f} s of the stop request; they were killed."
             time.sleep(POLL_S)
 
+    def _own_connection(self, generation: int) -> ControlPlane:
+        """The committer blocks in store waits; on the main connection those would hold the
+        socket and delay every other store call of the watch loop (detection included)."""
+        client = dist.TCPStore("127.0.0.1", self.store.port, is_master=False)
+        return ControlPlane(client, token=self.token, generation=generation)
+
     def _check_replicas(self, plan: Plan) -> None:
         """Invariant 2 at the end of every run: data-parallel replicas of a shard finished
         with identical parameters and optimizer state (digests the workers computed)."""
@@ -422,7 +429,8 @@ class Controller:
         cp = publish_generation(self.store, token=self.token, generation=gen,
                                 config=self.run.to_dict(), plan_json=new_plan.to_json(),
                                 recovery=recovery.record())
-        self.committer = Committer(cp, ranks=[m.rank for m in new_plan.members],
+        self.committer = Committer(self._own_connection(gen),
+                                   ranks=[m.rank for m in new_plan.members],
                                    first_step=recovery.step)
         self.committer.start()
         self._spawn(new_plan, self.store.port, [m for m in new_plan.members
