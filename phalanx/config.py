@@ -165,6 +165,9 @@ class FaultConfig:
     # An injection fires once, in the worker that was started first for that rank.
     inject: list[Any] = field(default_factory=list)
     slow_s: float = 1.0
+    # Warm spare workers kept started (Python + torch imported) to replace a lost worker in
+    # a store round trip instead of a process start; refilled after each use.
+    spares: int = 0
 
 
 @dataclass
@@ -446,6 +449,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _require(f.policy in ("auto", "replica", "checkpoint", "none"),
              f"fault.policy={f.policy!r}: choose auto, replica, checkpoint or none.")
     _require(f.max_failures >= 0, f"fault.max_failures={f.max_failures} must be >= 0.")
+    _require(f.spares >= 0, f"fault.spares={f.spares} must be >= 0.")
     for i, inj in enumerate(f.inject):
         _require(isinstance(inj, dict) and {"rank", "step", "kind"} <= set(inj),
                  f"fault.inject[{i}]={inj!r}: each injection is {{rank: R, step: S, kind: K}}.")

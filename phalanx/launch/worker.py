@@ -116,13 +116,41 @@ class _Injector:
             _t.sleep(self.slow_s)
 
 
+def _wait_as_spare(spare: str, host: str, port: int, token: str) -> dict:
+    """A warm spare: pay for starting Python and importing torch and phalanx now, then wait
+    until the controller assigns a rank (run-global key spare/{id}); a replacement then
+    costs a store round trip instead of a process start."""
+    import torch  # noqa: F401 - the import is the point
+    import torch.distributed  # noqa: F401
+
+    import phalanx.checkpoint.recover  # noqa: F401
+    import phalanx.parallel.factory  # noqa: F401
+    import phalanx.parallel.pipeline_trainer  # noqa: F401
+    from phalanx.orchestrator.commit import RUN
+    from phalanx.orchestrator.control_plane import ControlPlane, connect
+
+    cp = ControlPlane(connect(host, port, timeout_s=60), token=token, generation=RUN)
+    cp.set(f"spare_ready/{spare}", {"pid": os.getpid()})
+    while (job := cp.get(f"spare/{spare}")) is None:
+        time.sleep(0.01)
+    return job
+
+
 def main() -> int:
     # A crash or abort prints every thread's Python stack into the worker log.
     faulthandler.enable(all_threads=True)
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     token = os.environ["PHALANX_TOKEN"]
+    if spare := os.environ.get("PHALANX_SPARE"):
+        logging.basicConfig(level=logging.INFO,
+                            format=f"%(asctime)s spare{spare} %(levelname)s %(name)s: %(message)s")
+        job = _wait_as_spare(spare, host, port, token)
+        os.environ.update({"RANK": str(job["rank"]), "LOCAL_RANK": str(job["local_rank"]),
+                           "PHALANX_GENERATION": str(job["generation"]),
+                           "PHALANX_REPLACEMENT": "1"})
+        log.info("spare %s takes rank %d in generation %d", spare, job["rank"], job["generation"])
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
     generation = int(os.environ.get("PHALANX_GENERATION", "0"))
     replacement = os.environ.get("PHALANX_REPLACEMENT") == "1"
     run_dir = Path(os.environ["PHALANX_RUN_DIR"])

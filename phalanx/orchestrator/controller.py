@@ -110,6 +110,8 @@ class Controller:
         self.recoveries: list[dict[str, Any]] = []
         self._pending_recovery: dict[str, Any] | None = None
         self.done_records: dict[int, dict[str, Any]] = {}
+        self.spares: list[tuple[str, subprocess.Popen, Path]] = []
+        self._spare_seq = 0
         self.replicas_agree: bool | None = None
 
     # -- signals: the first Ctrl-C/SIGTERM asks for a stop at a step boundary, the second forces.
@@ -153,6 +155,7 @@ class Controller:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._spawn(plan, store.port, list(plan.members))
+            self._start_spares(plan, store.port)
             status, message = self._watch(cp, plan, console, wandb_run, start_step)
         except KeyboardInterrupt:
             status, message = "failed", "forced stop (second interrupt); workers were killed."
@@ -191,8 +194,53 @@ class Controller:
         return wandb.init(project=lg.wandb_project, mode=lg.wandb_mode, dir=str(self.dir.path),
                           name=self.dir.path.name, config=self.run.to_dict())
 
+    def _worker_env(self, plan: Plan, port: int) -> dict[str, str]:
+        env = dict(os.environ)
+        threads = str(plan.threads_per_worker)
+        env.update({
+            "WORLD_SIZE": str(plan.world_size),
+            "LOCAL_WORLD_SIZE": str(self.run.cluster.devices_per_node),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+            TOKEN_ENV: self.token, "PHALANX_RUN_DIR": str(self.dir.path),
+            # Without a thread budget, each worker's OpenMP pool takes every core and
+            # multi-process steps run 10-15x slower on a small machine.
+            "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"})
+        return env
+
+    def _start_spares(self, plan: Plan, port: int) -> None:
+        """Keep fault.spares warm workers waiting (started, torch imported)."""
+        while len(self.spares) < self.run.fault.spares:
+            self._spare_seq += 1
+            sid = str(self._spare_seq)
+            env = {**self._worker_env(plan, port), "PHALANX_SPARE": sid}
+            log_path = self.dir.path / "logs" / f"spare{sid}.log"
+            with open(log_path, "ab") as out:
+                proc = subprocess.Popen([sys.executable, "-m", "phalanx.launch.worker"], env=env,
+                                        stdout=out, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=_die_with_parent)
+            self.spares.append((sid, proc, log_path))
+            self.dir.event("spare_start", spare=sid, pid=proc.pid)
+
+    def _take_spare(self, m: Any, generation: int) -> _Worker | None:
+        """A ready spare becomes rank m.rank of `generation`, or None (none ready)."""
+        for i, (sid, proc, log_path) in enumerate(self.spares):
+            if proc.poll() is None and self.run_cp.get(f"spare_ready/{sid}") is not None:
+                del self.spares[i]
+                self.run_cp.set(f"spare/{sid}", {"rank": m.rank, "local_rank": m.local_rank,
+                                                 "generation": generation})
+                self.dir.event("worker_start", rank=m.rank, pid=proc.pid, generation=generation,
+                               spare=sid)
+                return _Worker(rank=m.rank, proc=proc, log_path=log_path, hb_seen=time.monotonic())
+        return None
+
     def _spawn(self, plan: Plan, port: int, members: list, *, replacement: bool = False) -> None:
         for m in members:
+            w = self._take_spare(m, plan.generation) if replacement else None
+            if w is not None:
+                self.workers = [x for x in self.workers if x.rank != m.rank] + [w]
+                self.workers.sort(key=lambda x: x.rank)
+                continue
             env = dict(os.environ)
             threads = str(plan.threads_per_worker)
             env.update({
@@ -435,6 +483,7 @@ class Controller:
         self.committer.start()
         self._spawn(new_plan, self.store.port, [m for m in new_plan.members
                                                if m.rank in lost_ranks], replacement=True)
+        self._start_spares(new_plan, self.store.port)  # refill, off the critical path
         # Detection latency is measured from the injected fault when there was one (its
         # wall-clock time in the worker), else unknown (0: the poll that saw the exit).
         injected = [i for i in self.injected if i["rank"] in lost_ranks and "at" in i]
@@ -507,6 +556,11 @@ class Controller:
 
     def _terminate_all(self) -> None:
         """Leave nothing running: TERM the process groups, then KILL what is left."""
+        for _sid, proc, _ in self.spares:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.spares.clear()
         live = [w for w in self.workers if w.proc.poll() is None]
         for w in live:
             self._signal_group(w, signal.SIGTERM)
