@@ -161,10 +161,15 @@ class FaultConfig:
     # Failures a run survives before it gives up (each one is a new generation).
     max_failures: int = 3
     # Fault injection: [{rank: 1, step: 20, kind: kill}, ...]; kind in kill (SIGKILL),
-    # stop (SIGSTOP: frozen), exit (exit code 1), slow (sleep slow_s each step from then on).
+    # stop (SIGSTOP: frozen), exit (exit code 1), slow (sleep slow_s each step from then on),
+    # hang (alive and beating, but stuck for ever: a deadlock).
     # An injection fires once, in the worker that was started first for that rank.
     inject: list[Any] = field(default_factory=list)
     slow_s: float = 1.0
+    # No committed step for this long while every worker still sends heartbeats is a hang:
+    # every worker's Python stacks are collected (faulthandler, SIGUSR1) and the rank that
+    # is not where the others wait is named, fenced and replaced.
+    hang_timeout_s: float = 600.0
     # Warm spare workers kept started (Python + torch imported) to replace a lost worker in
     # a store round trip instead of a process start; refilled after each use.
     spares: int = 0
@@ -444,7 +449,8 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _require(run.logging.wandb_mode in ("offline", "online", "disabled"),
              f"logging.wandb_mode={run.logging.wandb_mode!r}: choose offline, online or disabled.")
     f = run.fault
-    for key in ("heartbeat_s", "heartbeat_timeout_s", "startup_timeout_s", "collective_timeout_s"):
+    for key in ("heartbeat_s", "heartbeat_timeout_s", "startup_timeout_s", "collective_timeout_s",
+                "hang_timeout_s"):
         _positive(f"fault.{key}", getattr(f, key))
     _require(f.policy in ("auto", "replica", "checkpoint", "none"),
              f"fault.policy={f.policy!r}: choose auto, replica, checkpoint or none.")
@@ -453,8 +459,9 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     for i, inj in enumerate(f.inject):
         _require(isinstance(inj, dict) and {"rank", "step", "kind"} <= set(inj),
                  f"fault.inject[{i}]={inj!r}: each injection is {{rank: R, step: S, kind: K}}.")
-        _require(inj["kind"] in ("kill", "stop", "exit", "slow"),
-                 f"fault.inject[{i}].kind={inj['kind']!r}: choose kill, stop, exit or slow.")
+        _require(inj["kind"] in ("kill", "stop", "exit", "slow", "hang"),
+                 f"fault.inject[{i}].kind={inj['kind']!r}: choose kill, stop, exit, slow or "
+                 "hang.")
         _require(0 <= int(inj["rank"]) < run.world_size,
                  f"fault.inject[{i}].rank={inj['rank']} is not a rank of this "
                  f"{run.world_size}-worker run.")

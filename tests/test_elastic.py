@@ -150,3 +150,15 @@ def test_controller_death_leaves_no_orphans_and_resume_continues(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((d / "summary.json").read_text())
     assert summary["resumed_from"]["step"] > 0 and summary["status"] == "ok"
+
+
+def test_hang_is_attributed_to_the_stuck_rank_and_recovered(tmp_path, reference):
+    """Rank 1 stays alive and keeps beating but never reaches the step's collective: the
+    stacks show rank 0 waiting inside torch (DDP's backward) and rank 1 in our own code."""
+    s = run(tmp_path, "hang", ["parallel.dp=2", "fault.hang_timeout_s=3",
+                               "fault.inject=[{rank:1,step:5,kind:hang}]"])
+    [hang] = [e for e in read_jsonl(s["dir"] / "events.jsonl") if e["event"] == "hang"]
+    assert hang["ranks"] == [1] and "rank 1 in worker.py" in hang["why"]
+    assert [(f["rank"], f["kind"]) for f in s["failures"]] == [(1, "hang")]
+    assert s["recoveries"][0]["kind"] == "replica"
+    assert s["state_digests"] == reference["dp2"]["state_digests"]

@@ -12,6 +12,7 @@ import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -112,6 +113,9 @@ class _Injector:
                 os._exit(1)
             elif kind == "slow":
                 self.slow = True
+            elif kind == "hang":
+                while True:  # the heartbeat thread keeps beating: only progress stops
+                    _t.sleep(3600)
         if self.slow:
             _t.sleep(self.slow_s)
 
@@ -139,6 +143,8 @@ def _wait_as_spare(spare: str, host: str, port: int, token: str) -> dict:
 def main() -> int:
     # A crash or abort prints every thread's Python stack into the worker log.
     faulthandler.enable(all_threads=True)
+    # On SIGUSR1 (the controller suspects a hang) every thread's stack goes to the log.
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     token = os.environ["PHALANX_TOKEN"]
     if spare := os.environ.get("PHALANX_SPARE"):

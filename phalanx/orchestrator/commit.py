@@ -76,6 +76,7 @@ class Committer(threading.Thread):
                  slice_s: float = 0.2) -> None:
         super().__init__(daemon=True, name=f"committer-g{cp.generation}")
         self.cp, self.ranks, self.step, self.slice_s = cp, ranks, first_step, slice_s
+        self.first_step = first_step
         self.committed: int = first_step - 1  # last committed step
         self.nonfinite: list[int] = []
         self._halt = threading.Event()

@@ -111,6 +111,7 @@ class Controller:
         self._pending_recovery: dict[str, Any] | None = None
         self.done_records: dict[int, dict[str, Any]] = {}
         self.spares: list[tuple[str, subprocess.Popen, Path]] = []
+        self._progress: tuple[int, float, Any] = (-1, time.monotonic(), None)
         self._spare_seq = 0
         self.replicas_agree: bool | None = None
 
@@ -362,8 +363,11 @@ class Controller:
                                  f"heartbeat for {now - w.hb_seen:.0f} s (frozen or "
                                  "partitioned; fault.heartbeat_timeout_s="
                                  f"{f.heartbeat_timeout_s:.0f})", "heartbeat_timeout"))
+            if not lost:
+                lost = self._check_hang(console)
             if lost:
-                if self._signal is not None or not self._can_recover(plan):
+                if self._signal is not None or not self._can_recover(plan) or \
+                        lost[0][3] == "hang_unattributed":
                     w, rc, what, kind = lost[0]
                     if kind == "worker_exit":
                         w = self._root_cause(w)
@@ -395,6 +399,39 @@ class Controller:
                 return "failed", f"workers did not stop within fault.shutdown_grace_s=" \
                     f"{f.shutdown_grace_s:.0f} s of the stop request; they were killed."
             time.sleep(POLL_S)
+
+    def _check_hang(self, console: Console) -> list:
+        """No step committed for fault.hang_timeout_s (plus start-up time before a
+        generation's first commit) while the workers are alive: collect their stacks, name
+        the rank that is not where the others wait, and hand it over as lost."""
+        from phalanx.orchestrator.hangs import attribute, main_thread_frames
+
+        now, f = time.monotonic(), self.run.fault
+        c = self.committer
+        if c.committed != self._progress[0] or c is not self._progress[2]:
+            self._progress = (c.committed, now, c)
+            return []
+        first = c.committed < c.first_step
+        limit = f.hang_timeout_s + (f.startup_timeout_s if first else 0.0)
+        if now - self._progress[1] < limit or any(w.proc.poll() is not None for w in self.workers):
+            return []
+        for w in self.workers:
+            try:
+                os.kill(w.proc.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+        time.sleep(1.0)  # faulthandler writes synchronously; give the logs a moment
+        stacks = {w.rank: main_thread_frames(w.log_path.read_text(errors="replace"))
+                  for w in self.workers}
+        odd, why = attribute(stacks)
+        self.dir.event("hang", after_s=round(now - self._progress[1], 1), stacks=stacks,
+                       ranks=odd, why=why)
+        console.note(f"hang: no step for {now - self._progress[1]:.0f} s; {why}", warning=True)
+        self._progress = (c.committed, time.monotonic(), c)
+        if not odd:  # nobody to blame: a recovery would hang the same way
+            return [(w, None, f"hang: {why}", "hang_unattributed") for w in self.workers[:1]]
+        return [(w, None, f"worker rank {w.rank} hung ({why})", "hang")
+                for w in self.workers if w.rank in odd]
 
     def _own_connection(self, generation: int) -> ControlPlane:
         """The committer blocks in store waits; on the main connection those would hold the
