@@ -170,6 +170,12 @@ class FaultConfig:
     # every worker's Python stacks are collected (faulthandler, SIGUSR1) and the rank that
     # is not where the others wait is named, fenced and replaced.
     hang_timeout_s: float = 600.0
+    # Replace a lost worker (a spare or a new process). false: shrink instead -- the survivors
+    # go on as a smaller data-parallel world (pure data-parallel layouts; the global batch and
+    # gradient scale are kept by more accumulation), and grow back to the full world after
+    # grow_after_steps committed steps (0: stay small).
+    replace: bool = True
+    grow_after_steps: int = 0
     # Warm spare workers kept started (Python + torch imported) to replace a lost worker in
     # a store round trip instead of a process start; refilled after each use.
     spares: int = 0
@@ -456,6 +462,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
              f"fault.policy={f.policy!r}: choose auto, replica, checkpoint or none.")
     _require(f.max_failures >= 0, f"fault.max_failures={f.max_failures} must be >= 0.")
     _require(f.spares >= 0, f"fault.spares={f.spares} must be >= 0.")
+    _require(f.grow_after_steps >= 0, f"fault.grow_after_steps={f.grow_after_steps} must be >= 0.")
     for i, inj in enumerate(f.inject):
         _require(isinstance(inj, dict) and {"rank", "step", "kind"} <= set(inj),
                  f"fault.inject[{i}]={inj!r}: each injection is {{rank: R, step: S, kind: K}}.")

@@ -162,3 +162,20 @@ def test_hang_is_attributed_to_the_stuck_rank_and_recovered(tmp_path, reference)
     assert [(f["rank"], f["kind"]) for f in s["failures"]] == [(1, "hang")]
     assert s["recoveries"][0]["kind"] == "replica"
     assert s["state_digests"] == reference["dp2"]["state_digests"]
+
+
+def test_shrink_then_grow_keeps_the_global_batch(tmp_path, reference):
+    """fault.replace=false: dp 2 -> 1 (the survivor accumulates twice the micro-batches, the
+    global batch and gradient scale unchanged, invariant 5), then back to 2 after 3 steps."""
+    s = run(tmp_path, "shrink", ["parallel.dp=2", "fault.replace=false",
+                                 "fault.grow_after_steps=3",
+                                 "fault.inject=[{rank:1,step:4,kind:kill}]"])
+    [rec] = s["recoveries"]
+    assert rec["kind"] == "shrink" and rec["steps_lost"] == 0
+    events = read_jsonl(s["dir"] / "events.jsonl")
+    worlds = [e["world_size"] for e in events if e["event"] == "generation"]
+    assert worlds == [2, 1, 2] and any(e["event"] == "grow" for e in events)
+    assert s["world_size"] == 2 and s["replicas_agree"] is True
+    exactly_once(s)
+    # Same global batches, another reduction order: equal within float tolerance.
+    assert losses(s) == pytest.approx(losses(reference["dp2"]), rel=1e-5)

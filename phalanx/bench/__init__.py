@@ -8,7 +8,8 @@ Every benchmark returns the same JSON document::
 `machine` says what the numbers were measured on (cores, CPU model, torch, python;
 never the host name); `runs` holds the raw measurements; `figures` the few numbers
 the issue that added the benchmark names. A benchmark module exposes
-`run(*, quick: bool) -> dict` (the document) and is registered in `BENCHES`.
+`run(*, quick: bool) -> dict` (the document) and is registered in `BENCHES`; it may also
+expose `write_extras(doc, out)`, called after the JSON is written to `--out` (a plot beside it).
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ BENCHES: dict[str, tuple[str, str]] = {
     "checkpoint": ("phalanx.bench.checkpoint",
                    "checkpoint blocking time, time to durable and throughput cost: "
                    "torch.save+fsync vs DCP async_save vs phalanx"),
+    "checkfree": ("phalanx.bench.checkfree",
+                  "whole-stage loss at pp=4: loss curves of no failure, CheckFree, CheckFree+, "
+                  "checkpoint rollback (one-process pipeline emulation)"),
+    "recovery": ("phalanx.bench.recovery",
+                 "MTTR, steps lost and goodput after a killed worker: torchrun restarts from DCP "
+                 "checkpoints vs torchft healing vs phalanx replica/checkpoint recovery"),
 }
 
 
@@ -130,6 +137,11 @@ def main(argv: Sequence[str]) -> int:
         print(f"phalanx bench {args.name}: failed: {e}", file=sys.stderr)
         return 1
     write_result(doc, args.out)
+    extras = getattr(importlib.import_module(BENCHES[args.name][0]), "write_extras", None)
+    if args.out is not None and extras is not None:
+        written = extras(doc, args.out)
+        if written is not None:
+            print(f"wrote {written}", file=sys.stderr)
     if args.out is not None:
         figs = ", ".join(f"{k}={v:.3f}" for k, v in doc["figures"].items())
         print(f"phalanx bench {args.name}: {figs}\nwrote {args.out}", file=sys.stderr)

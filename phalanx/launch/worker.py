@@ -37,7 +37,9 @@ def _heartbeat(host: str, port: int, token: str, generation: int, rank: int, per
     last_ok = time.monotonic()
     while not stop.wait(period_s):
         try:
-            cp.set(f"hb/{rank}", {"t": time.time(), "step": state["step"], "pid": os.getpid()})
+            # The rank can change when the world shrinks or grows (state["rank"]).
+            cp.set(f"hb/{state.get('rank', rank)}",
+                   {"t": time.time(), "step": state["step"], "pid": os.getpid()})
             last_ok = time.monotonic()
         except Exception:  # noqa: BLE001 - any store failure means the same: controller gone
             if time.monotonic() - last_ok > 10 * period_s + 10:
@@ -181,7 +183,7 @@ def main() -> int:
     torch.set_num_threads(plan.threads_per_worker)
     _pin_cores(local_rank, plan.threads_per_worker)
 
-    state = {"step": -1}
+    state = {"step": -1, "rank": rank}
     stop_hb = threading.Event()
     hb_thread = threading.Thread(target=_heartbeat, daemon=True, name="heartbeat",
                                  args=(host, port, token, RUN, rank, run.fault.heartbeat_s,
@@ -205,7 +207,19 @@ def main() -> int:
     injector = _Injector(run, rank, replacement=replacement)
     old_trainer, step, res = None, 0, None
     while True:
-        # One generation: its groups, its trainer (rebuilt), its recovery, its steps.
+        # One generation: its groups, its trainer (rebuilt), its recovery, its steps. When the
+        # world shrinks or grows the controller renumbers the survivors.
+        rec = cp.wait("recovery", timeout_s=60)
+        if rec.get("renumber"):
+            if str(rank) not in rec["renumber"]:
+                log.info("not a member of generation %d; exiting", generation)
+                return 0
+            rank = int(rec["renumber"][str(rank)])
+            state["rank"] = rank
+            run = RunConfig.from_dict(cp.wait("config", timeout_s=60))
+        elif rank not in {m.rank for m in plan.members}:
+            log.info("not a member of generation %d; exiting", generation)
+            return 0
         dist.init_process_group(plan.backend,
                                 store=dist.PrefixStore(f"g{generation}/pg", store), rank=rank,
                                 world_size=plan.world_size,
@@ -241,9 +255,6 @@ def main() -> int:
             generation = current_generation(run_cp)
             cp = ControlPlane(store, token=token, generation=generation)
             plan = Plan.from_json(cp.wait("plan", timeout_s=60))
-            if rank not in {m.rank for m in plan.members}:
-                log.info("not a member of generation %d; exiting", generation)
-                return 0
             old_trainer = trainer
     from phalanx.checkpoint.recover import state_digest
 
@@ -294,11 +305,14 @@ def _enter_generation(run, plan, cp, *, rank, device, tokens, old, token, run_di
                             tokens=tokens, device=device)
     rec = cp.wait("recovery", timeout_s=60)
     kind, start = rec.get("kind", "fresh"), int(rec.get("step", 0))
-    if kind == "replica":
+    if kind in ("replica", "shrink", "grow"):
+        # Survivors keep their own state (a replica's is the same whatever the world size);
+        # newcomers receive theirs from a live replica.
         if old is not None:
             carry_over(old, trainer, step=start)
         replica_transfer(trainer, rank=rank,
-                         sources={int(k): v for k, v in rec["sources"].items()}, step=start)
+                         sources={int(k): v for k, v in rec.get("sources", {}).items()},
+                         step=start)
     elif rec.get("path"):  # resume at start-up, or every rank rolls back to a checkpoint
         start = load_trainer(trainer, rec["path"], token=token)
         log.info("loaded %s at step %d (%s)", rec["path"], start, kind)

@@ -112,6 +112,8 @@ class Controller:
         self.done_records: dict[int, dict[str, Any]] = {}
         self.spares: list[tuple[str, subprocess.Popen, Path]] = []
         self._progress: tuple[int, float, Any] = (-1, time.monotonic(), None)
+        self._grow_at: int | None = None
+        self.full_run = run
         self._spare_seq = 0
         self.replicas_agree: bool | None = None
 
@@ -134,6 +136,7 @@ class Controller:
         plan = plan_single_node(self.run, generation=0, backend=backend,
                                 cores=len(os.sched_getaffinity(0)), corpus=corpus)
         self.dir.write_plan(plan.to_json())
+        self.full_plan = plan
         start_step = self._resolve_resume()
         store = dist.TCPStore("127.0.0.1", self.port, is_master=True, wait_for_workers=False)
         self.store = store
@@ -166,7 +169,8 @@ class Controller:
             console.close()
             for s, h in old.items():
                 signal.signal(s, h)
-        summary = self._summary(status, message, plan, corpus, time.monotonic() - t_start)
+        summary = self._summary(status, message, getattr(self, "final_plan", plan), corpus,
+                                time.monotonic() - t_start)
         if plan.schedule is not None:
             pipeline = export_timeline(self.dir.path, schedule=plan.schedule)
             if pipeline is not None:
@@ -335,6 +339,7 @@ class Controller:
         stop_sent: float | None = None
         while True:
             now = time.monotonic()
+            self.final_plan = plan
             next_step = self._drain_metrics(cp, next_step, t0, console, wandb_run)
             self._drain_events(console)
             self._note_recovered(console)
@@ -365,6 +370,12 @@ class Controller:
                                  f"{f.heartbeat_timeout_s:.0f})", "heartbeat_timeout"))
             if not lost:
                 lost = self._check_hang(console)
+            if not lost and self._grow_at is not None and \
+                    self.committer.committed + 1 >= self._grow_at:
+                self.committer.stop()
+                next_step = self._drain_committed(cp, next_step, t0, console, wandb_run)
+                cp, plan, next_step = self._grow(plan, console)
+                continue
             if lost:
                 if self._signal is not None or not self._can_recover(plan) or \
                         lost[0][3] == "hang_unattributed":
@@ -500,8 +511,14 @@ class Controller:
             self.failures.append({k: v for k, v in rec.items() if k != "event"})
             console.note(f"{what}: recovering", warning=True)
         self.committer.stop()
-        next_step = self._drain_metrics(cp, next_step, t0, console, wandb_run)
+        alive0 = any(w.rank == 0 for w in self.workers if w.rank not in lost_ranks)
+        next_step = (self._drain_committed(cp, next_step, t0, console, wandb_run) if alive0
+                     else self._drain_metrics(cp, next_step, t0, console, wandb_run))
         committed = self.committer.committed + 1
+        shrunk = self._shrink_plan(plan, lost_ranks)
+        if shrunk is not None:
+            return self._shrink(shrunk, plan, lost_ranks, committed, console, next_step,
+                                t_detect, wall_detect)
         recovery, why = choose_recovery(policy=self.run.fault.policy, layout=plan.layout,
                                         lost=lost_ranks, committed_steps=committed,
                                         checkpoint_root=self.checkpoint_root(), token=self.token)
@@ -539,6 +556,94 @@ class Controller:
             console.set_completed(recovery.step)
         return cp, new_plan, recovery.step
 
+    # -- shrink and grow (fault.replace=false) --------------------------------------------
+    def _run_for_world(self, world: int) -> RunConfig:
+        """The recipe on `world` pure data-parallel workers, global batch unchanged."""
+        from phalanx.config import validate
+
+        r = self.full_run
+        # Injections fire in the processes started first (they read them at start-up); the
+        # smaller world's recipe only needs to stay valid.
+        inject = [i for i in r.fault.inject if int(i["rank"]) < world]
+        return validate(dataclasses.replace(
+            r, parallel=dataclasses.replace(r.parallel, dp=world, dp_replicate=world),
+            cluster=dataclasses.replace(r.cluster, devices_per_node=world),
+            fault=dataclasses.replace(r.fault, inject=inject)))
+
+    def _shrink_plan(self, plan: Plan, lost: set[int]) -> Plan | None:
+        """The smaller plan when the recipe asks to shrink and the layout allows it."""
+        lay, f = plan.layout, self.run.fault
+        survivors = plan.world_size - len(lost)
+        if f.replace or survivors < 1 or lay.world_size != lay.dp_replicate or \
+                self.run.trainer.global_batch % (survivors * self.run.parallel.micro_batch_size):
+            return None
+        try:
+            run = self._run_for_world(survivors)
+        except ConfigError:
+            return None
+        return plan_single_node(run, generation=plan.generation + 1, backend=plan.backend,
+                                cores=len(os.sched_getaffinity(0)), corpus=plan.corpus)
+
+    def _new_generation(self, new_plan: Plan, run: RunConfig, recovery: dict[str, Any],
+                        renumber: dict[int, int]) -> ControlPlane:
+        self.run = run
+        self.dir.write_plan(new_plan.to_json())
+        cp = publish_generation(self.store, token=self.token, generation=new_plan.generation,
+                                config=run.to_dict(), plan_json=new_plan.to_json(),
+                                recovery={**recovery, "renumber": {str(o): n for o, n in
+                                                                   renumber.items()}})
+        for w in self.workers:
+            w.rank = renumber.get(w.rank, w.rank)
+        self.committer = Committer(self._own_connection(new_plan.generation),
+                                   ranks=[m.rank for m in new_plan.members],
+                                   first_step=recovery["step"])
+        self.committer.start()
+        self.dir.event("generation", generation=new_plan.generation,
+                       world_size=new_plan.world_size, layout=new_plan.layout.to_dict(),
+                       recovery=recovery)
+        return cp
+
+    def _shrink(self, new_plan: Plan, plan: Plan, lost: set[int], committed: int,
+                console: Console, next_step: int, t_detect: float, wall_detect: float):
+        survivors = sorted(w.rank for w in self.workers if w.rank not in lost)
+        self.workers = [w for w in self.workers if w.rank not in lost]
+        renumber = {old: new for new, old in enumerate(survivors)}
+        cp = self._new_generation(new_plan, self._run_for_world(len(survivors)),
+                                  {"kind": "shrink", "step": committed}, renumber)
+        f = self.run.fault
+        self._grow_at = committed + f.grow_after_steps if f.grow_after_steps else None
+        injected = [i for i in self.injected if i["rank"] in lost and "at" in i]
+        self._pending_recovery = {
+            "kind": "shrink", "source": {"kind": "shrink", "world": new_plan.world_size},
+            "generation": new_plan.generation, "lost_ranks": sorted(lost),
+            "why": "fault.replace=false: the survivors continue as a smaller data-parallel world",
+            "detect_s": round(wall_detect - min([i["at"] for i in injected] or [wall_detect]), 3),
+            "steps_lost": 0, "_t_detect": t_detect, "_first_step": committed}
+        console.note(f"generation {new_plan.generation}: shrink to {new_plan.world_size} "
+                     f"worker(s), global batch kept ({self.run.grad_accum} micro-batches per "
+                     "worker)", warning=True)
+        return cp, new_plan, committed
+
+    def _grow(self, plan: Plan, console: Console):
+        """Back to the full world at a step boundary: survivors keep their ranks, newcomers
+        take the rest and receive the state from rank 0 (a replica)."""
+        self.committer.stop()
+        committed = self.committer.committed + 1
+        full = dataclasses.replace(self.full_plan, generation=plan.generation + 1)
+        have = plan.world_size
+        cp = self._new_generation(full, self.full_run,
+                                  {"kind": "grow", "step": committed,
+                                   "sources": {str(r): 0 for r in range(have, full.world_size)}},
+                                  {r: r for r in range(full.world_size)})
+        self._spawn(full, self.store.port, [m for m in full.members if m.rank >= have],
+                    replacement=True)
+        self._grow_at = None
+        self.dir.event("grow", generation=full.generation, world_size=full.world_size,
+                       step=committed)
+        console.note(f"generation {full.generation}: grow back to {full.world_size} workers at "
+                     f"step {committed}")
+        return cp, full, committed
+
     def _note_recovered(self, console: Console) -> None:
         """A recovery is complete when the new generation commits its first step."""
         r = self._pending_recovery
@@ -551,6 +656,17 @@ class Controller:
         self.dir.event("recovered", **r)
         console.note(f"recovered ({r['kind']}) in {r['recover_s']:.2f} s after detection "
                      f"({r['detect_s']:.2f} s to detect); training continues")
+
+    def _drain_committed(self, cp: ControlPlane, next_step: int, t0: float, console: Console,
+                         wandb_run: Any, timeout_s: float = 5.0) -> int:
+        """Before leaving a generation: rank 0 publishes a step's metrics just after its
+        commit, so wait (briefly) for every committed step's record."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            next_step = self._drain_metrics(cp, next_step, t0, console, wandb_run)
+            if next_step > self.committer.committed or time.monotonic() > deadline:
+                return next_step
+            time.sleep(0.01)
 
     def _drain_metrics(self, cp: ControlPlane, next_step: int, t0: float, console: Console,
                        wandb_run: Any) -> int:
