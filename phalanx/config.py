@@ -156,7 +156,9 @@ class FaultConfig:
     shutdown_grace_s: float = 30.0
     # What a lost worker costs: auto = the cheapest exact source (a surviving data-parallel
     # replica, else the newest checkpoint: peer memory or disk, everyone rolling back);
-    # replica / checkpoint force one; none = the run fails (the behaviour before recovery).
+    # replica / checkpoint force one; checkfree = a replica where one lives, else an
+    # intermediate pipeline stage rebuilt from its neighbours (CheckFree, not exact), else the
+    # checkpoint; none = the run fails (the behaviour before recovery).
     policy: str = "auto"
     # Failures a run survives before it gives up (each one is a new generation).
     max_failures: int = 3
@@ -458,8 +460,12 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     for key in ("heartbeat_s", "heartbeat_timeout_s", "startup_timeout_s", "collective_timeout_s",
                 "hang_timeout_s"):
         _positive(f"fault.{key}", getattr(f, key))
-    _require(f.policy in ("auto", "replica", "checkpoint", "none"),
-             f"fault.policy={f.policy!r}: choose auto, replica, checkpoint or none.")
+    _require(f.policy != "checkfree_plus",
+             "fault.policy=checkfree_plus needs out-of-order pipeline routes (half the "
+             "micro-batches with the end stages swapped), which the runtime does not run yet; "
+             "use fault.policy=checkfree (intermediate stages) or checkpoint.")
+    _require(f.policy in ("auto", "replica", "checkpoint", "checkfree", "none"),
+             f"fault.policy={f.policy!r}: choose auto, replica, checkpoint, checkfree or none.")
     _require(f.max_failures >= 0, f"fault.max_failures={f.max_failures} must be >= 0.")
     _require(f.spares >= 0, f"fault.spares={f.spares} must be >= 0.")
     _require(f.grow_after_steps >= 0, f"fault.grow_after_steps={f.grow_after_steps} must be >= 0.")

@@ -179,3 +179,36 @@ def test_shrink_then_grow_keeps_the_global_batch(tmp_path, reference):
     exactly_once(s)
     # Same global batches, another reduction order: equal within float tolerance.
     assert losses(s) == pytest.approx(losses(reference["dp2"]), rel=1e-5)
+
+
+def test_lost_intermediate_stage_is_rebuilt_by_the_checkfree_formula(tmp_path):
+    """pp=4, rank 2 (an intermediate stage, no copy anywhere) killed before step 8: its layers
+    become the gradient-norm-weighted average of stages 1 and 3. The neighbours' weights at
+    step 8 are those of a failure-free run's step-8 checkpoint (training is deterministic);
+    applying the formula to them with the norms the recovery used gives the rebuilt layers."""
+    import torch
+
+    from phalanx.checkpoint import store
+    from phalanx.checkpoint.checkfree import reconstruct_stage
+    from phalanx.checkpoint.recover import tensors_digest
+
+    pp4 = ["parallel.pp=4", "parallel.micro_batch_size=2", "--nproc-per-node", "4"]
+    ref = run(tmp_path, "ref", [*pp4, "checkpoint.disk_every=8", "trainer.steps=9"])
+    s = run(tmp_path, "cf", [*pp4, "trainer.steps=10", "fault.policy=checkfree",
+                             "fault.inject=[{rank:2,step:8,kind:kill}]"])
+    [rec] = s["recoveries"]
+    assert rec["kind"] == "checkfree" and rec["steps_lost"] == 0
+    [ev] = [e for e in read_jsonl(s["dir"] / "events.jsonl") if e["event"] == "checkfree_rebuilt"]
+    assert (ev["prev_rank"], ev["next_rank"]) == (1, 3) and ev["prev_grad_norm"] > 0
+    weights = store.read_tensors(store.step_dir(ref["dir"] / "checkpoints", 8), prefix="model/")
+    stage = {k.removeprefix("model/"): v for k, v in weights.items()}
+    per = 1  # tiny has 4 layers: one per stage
+
+    def layers(first: int) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in stage.items()
+                if k.startswith(tuple(f"model.layers.{i}." for i in range(first, first + per)))}
+
+    rebuilt = reconstruct_stage(layers(1), layers(3), ev["prev_grad_norm"], ev["next_grad_norm"],
+                                ev["layers"])
+    assert tensors_digest(rebuilt) == ev["digest"]
+    assert s["final_loss"] < s["initial_loss"]

@@ -9,6 +9,7 @@ PHALANX_GENERATION and PHALANX_RUN_DIR.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import json
 import logging
 import os
@@ -46,6 +47,21 @@ def _heartbeat(host: str, port: int, token: str, generation: int, rank: int, per
                 # An orphan must not keep training (or hold its cores) without a controller.
                 print(f"rank {rank}: controller unreachable, exiting", file=sys.stderr, flush=True)
                 os._exit(EXIT_CONTROLLER_LOST)
+
+
+def _generation_watch(host: str, port: int, token: str, seen: dict,
+                      stop: threading.Event) -> None:
+    """Keep seen["generation"] current (own store connection), so a rank waiting on a
+    transfer from a peer that has already left the generation can give up at once."""
+    from phalanx.orchestrator.commit import RUN, current_generation
+    from phalanx.orchestrator.control_plane import ControlPlane, connect
+
+    cp = ControlPlane(connect(host, port, timeout_s=10), token=token, generation=RUN)
+    while not stop.wait(0.05):
+        try:
+            seen["generation"] = current_generation(cp)
+        except Exception:  # noqa: BLE001 - the heartbeat thread handles a lost controller
+            pass
 
 
 def _pin_cores(local_rank: int, threads: int) -> None:
@@ -189,6 +205,13 @@ def main() -> int:
                                  args=(host, port, token, RUN, rank, run.fault.heartbeat_s,
                                        state, stop_hb))
     hb_thread.start()
+    seen = {"generation": generation}
+    threading.Thread(target=_generation_watch, daemon=True, name="generation-watch",
+                     args=(host, port, token, seen, stop_hb)).start()
+    from phalanx.parallel.waits import set_abort_check
+
+    set_abort_check(lambda: seen["generation"] > state["generation"])
+    state["generation"] = generation
     seq = [0]
 
     def report(event: dict) -> None:
@@ -220,6 +243,7 @@ def main() -> int:
         elif rank not in {m.rank for m in plan.members}:
             log.info("not a member of generation %d; exiting", generation)
             return 0
+        state["generation"] = generation
         dist.init_process_group(plan.backend,
                                 store=dist.PrefixStore(f"g{generation}/pg", store), rank=rank,
                                 world_size=plan.world_size,
@@ -237,25 +261,33 @@ def main() -> int:
                                run_dir=run_dir, generation=generation)
             break
         except (GenerationChanged, RuntimeError) as e:
-            # A peer died (gloo: connection reset) or the controller moved on: keep the
-            # tensors, drop the groups, wait for the next generation.
-            if manager is not None:
-                manager.abandon()
-            log.warning("generation %d ended at step %d: %s", generation,
-                        state["step"] + 1, str(e).splitlines()[0][:200])
-            report({"event": "generation_left", "generation": generation,
-                    "step": state["step"] + 1, "error": str(e).splitlines()[0][:200]})
-            deadline = time.monotonic() + run.fault.startup_timeout_s
-            while current_generation(run_cp) <= generation:
-                if time.monotonic() > deadline:
-                    log.error("no new generation within fault.startup_timeout_s; exiting")
-                    return 1
-                time.sleep(0.02)
-            _abandon_groups()
-            generation = current_generation(run_cp)
-            cp = ControlPlane(store, token=token, generation=generation)
-            plan = Plan.from_json(cp.wait("plan", timeout_s=60))
-            old_trainer = trainer
+            # A peer died (gloo: connection reset) or the controller moved on.
+            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        # Outside the except block: its traceback's frames refer to the trainer, and the
+        # trainer to the old groups. Keep the tensors, drop everything else, and drop the
+        # groups now: their connections close, which releases peers blocked on a receive
+        # from this rank (gloo cannot cancel one) so that they can leave the generation too.
+        from phalanx.checkpoint.recover import survivor_state
+
+        if manager is not None:
+            manager.abandon()
+        carried = survivor_state(trainer, step=state["step"] + 1)
+        trainer = manager = None
+        _abandon_groups()
+        gc.collect()
+        log.warning("generation %d ended at step %d: %s", generation, state["step"] + 1, why)
+        report({"event": "generation_left", "generation": generation,
+                "step": state["step"] + 1, "error": why})
+        deadline = time.monotonic() + run.fault.startup_timeout_s
+        while current_generation(run_cp) <= generation:
+            if time.monotonic() > deadline:
+                log.error("no new generation within fault.startup_timeout_s; exiting")
+                return 1
+            time.sleep(0.02)
+        generation = current_generation(run_cp)
+        cp = ControlPlane(store, token=token, generation=generation)
+        plan = Plan.from_json(cp.wait("plan", timeout_s=60))
+        old_trainer = carried
     from phalanx.checkpoint.recover import state_digest
 
     digest = state_digest(trainer, step=step + 1) if hasattr(trainer, "optimizer") and \
@@ -271,19 +303,15 @@ def main() -> int:
     return 0
 
 
-_ABANDONED: list = []
-
-
 def _abandon_groups() -> None:
-    """Forget every process group without shutting it down (DESIGN.md: abandon, not
-    destroy -- a gloo group whose peer vanished may block in its teardown). What
-    `destroy_process_group` resets, minus the shutdown; the groups stay referenced so no
-    destructor runs, and the group counter restarts so the next generation's group names
-    match those of a freshly started replacement."""
+    """Forget every process group without calling its shutdown (DESIGN.md: abandon, not
+    destroy_process_group, whose teardown can block on a group whose peer vanished). What
+    `destroy_process_group` resets, minus the shutdown; once nothing else refers to the
+    groups their destructors close the connections. The group counter restarts so the next
+    generation's group names match those of a freshly started replacement."""
     import torch.distributed.distributed_c10d as c10d
 
     w = c10d._world
-    _ABANDONED.append(list(w.pg_map))
     c10d._update_default_pg(None)
     for table in (w.pg_map, w.pg_names, w.pg_group_ranks, w.pg_backend_config, w.pg_to_tag,
                   w.tags_to_pg, w.pg_coalesce_state):
@@ -305,7 +333,7 @@ def _enter_generation(run, plan, cp, *, rank, device, tokens, old, token, run_di
                             tokens=tokens, device=device)
     rec = cp.wait("recovery", timeout_s=60)
     kind, start = rec.get("kind", "fresh"), int(rec.get("step", 0))
-    if kind in ("replica", "shrink", "grow"):
+    if kind in ("replica", "shrink", "grow", "checkfree"):
         # Survivors keep their own state (a replica's is the same whatever the world size);
         # newcomers receive theirs from a live replica.
         if old is not None:
@@ -313,6 +341,14 @@ def _enter_generation(run, plan, cp, *, rank, device, tokens, old, token, run_di
         replica_transfer(trainer, rank=rank,
                          sources={int(k): v for k, v in rec.get("sources", {}).items()},
                          step=start)
+        if kind == "checkfree":
+            from phalanx.checkpoint.recover import checkfree_transfer
+
+            used = checkfree_transfer(
+                trainer, rank=rank, step=start, base_lr=run.optim.lr,
+                rebuild={int(k): tuple(v) for k, v in rec.get("rebuild", {}).items()})
+            if used is not None:
+                report({"event": "checkfree_rebuilt", "generation": generation, **used})
     elif rec.get("path"):  # resume at start-up, or every rank rolls back to a checkpoint
         start = load_trainer(trainer, rec["path"], token=token)
         log.info("loaded %s at step %d (%s)", rec["path"], start, kind)

@@ -519,9 +519,11 @@ class Controller:
         if shrunk is not None:
             return self._shrink(shrunk, plan, lost_ranks, committed, console, next_step,
                                 t_detect, wall_detect)
+        par = self.run.parallel
         recovery, why = choose_recovery(policy=self.run.fault.policy, layout=plan.layout,
                                         lost=lost_ranks, committed_steps=committed,
-                                        checkpoint_root=self.checkpoint_root(), token=self.token)
+                                        checkpoint_root=self.checkpoint_root(), token=self.token,
+                                        checkfree_ok=par.tp == 1 and par.zero.stage == 0)
         if recovery is None:
             self._recover_failed = f"lost rank(s) {sorted(lost_ranks)} and cannot recover: {why}"
             return None, plan, next_step

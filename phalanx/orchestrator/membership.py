@@ -38,6 +38,7 @@ class Recovery:
     step: int
     sources: dict[int, int] | None = None
     path: str | None = None
+    rebuild: dict[int, tuple[int, int]] | None = None
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "step": self.step}
@@ -45,25 +46,39 @@ class Recovery:
             out["sources"] = {str(k): v for k, v in self.sources.items()}
         if self.path is not None:
             out["path"] = self.path
+        if self.rebuild is not None:
+            out["rebuild"] = {str(k): list(v) for k, v in self.rebuild.items()}
         return out
 
 
 def choose_recovery(*, policy: str, layout: Any, lost: set[int], committed_steps: int,
-                    checkpoint_root: Path, token: str | None) -> tuple[Recovery | None, str]:
-    """(recovery, why). `committed_steps`: optimizer steps the survivors have committed."""
-    from phalanx.checkpoint.recover import replica_source
+                    checkpoint_root: Path, token: str | None,
+                    checkfree_ok: bool = False) -> tuple[Recovery | None, str]:
+    """(recovery, why). `committed_steps`: optimizer steps the survivors have committed.
+    `checkfree_ok`: the trainer keeps whole stages per rank (no TP, no ZeRO), so CheckFree
+    can rebuild one from its neighbours (fault.policy=checkfree)."""
+    from phalanx.checkpoint.recover import checkfree_sources, replica_source
     from phalanx.checkpoint.store import latest
 
     alive = set(range(layout.world_size)) - lost
-    if policy in ("auto", "replica"):
+    if policy in ("auto", "replica", "checkfree"):
         sources = {r: replica_source(layout, r, alive) for r in sorted(lost)}
         if all(s is not None for s in sources.values()):
             return Recovery("replica", committed_steps, sources=sources), \
                 "a data-parallel replica of every lost shard is alive"
-        if policy == "replica":
-            return None, (f"fault.policy=replica but rank(s) {sorted(lost)} have no live replica "
-                          f"(parallel.dp_replicate={layout.dp_replicate})")
-    if policy in ("auto", "checkpoint"):
+    if policy == "checkfree" and checkfree_ok:
+        # Exact where a replica lives; CheckFree for stages with no copy anywhere.
+        exact = {r: s for r, s in sources.items() if s is not None}
+        rebuild = {r: checkfree_sources(layout, r, alive) for r in sorted(lost) if r not in exact}
+        if all(v is not None for v in rebuild.values()) and not (set(rebuild) & {
+                s for v in rebuild.values() for s in v}):
+            return Recovery("checkfree", committed_steps, sources=exact, rebuild=rebuild), \
+                (f"stage(s) of rank(s) {sorted(rebuild)} have no copy: rebuilt from their "
+                 "neighbour stages (CheckFree)")
+    if policy == "replica":
+        return None, (f"fault.policy=replica but rank(s) {sorted(lost)} have no live replica "
+                      f"(parallel.dp_replicate={layout.dp_replicate})")
+    if policy in ("auto", "checkpoint", "checkfree"):
         path, manifest, skipped = latest(checkpoint_root, token=token)
         for bad, why in skipped:
             log.warning("recovery skips checkpoint %s: %s", bad, why)

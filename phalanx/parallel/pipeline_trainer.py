@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 from phalanx.config import RunConfig
 from phalanx.data import TokenWindows
 from phalanx.models import LlamaForCausalLM
+from phalanx.parallel import waits
 from phalanx.parallel.data_parallel import model_config
 from phalanx.parallel.mesh import AXES, Layout
 from phalanx.parallel.optim import adamw, build_adamw, build_scheduler
@@ -134,6 +135,7 @@ class PipelineTrainer(TrainerBase):
             hooks=gathers, **common)
         self._pending: list[tuple[dist.Work, torch.Tensor, list[torch.Tensor]]] = []
         self.last_events: list[Event] = []
+        self.last_stage_grad_norm = 0.0
         # The loss is counted once per pipeline: by tp rank 0 of whichever rank holds the
         # last stage, in each data-parallel replica.
         self._counts_loss = (self.tp_rank == 0
@@ -170,7 +172,7 @@ class PipelineTrainer(TrainerBase):
 
     def _finish_reductions(self) -> None:
         for work, flat, grads in self._pending:
-            work.wait()
+            waits.wait(work)
             offset = 0
             for g in grads:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -198,11 +200,14 @@ class PipelineTrainer(TrainerBase):
         self.last_events = out.events
         self._finish_reductions()
         clip = self.run.trainer.grad_clip if self.run.trainer.grad_clip > 0 else math.inf
+        stage_norm = self._stage_grad_norm()
         norm = clip_grad_norm_global_(self.params, clip, groups=self._norm_groups)
         loss, skipped, stop = self._agree(float(out.loss_sum) if self._counts_loss else 0.0,
                                           math.isfinite(float(norm)), stop_requested,
                                           self.world_group)
         self._commit(step, skipped)
+        if stage_norm is not None:
+            self.last_stage_grad_norm = stage_norm  # CheckFree weighs neighbours by it
         lr = self.optimizer.param_groups[0]["lr"]
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
@@ -216,6 +221,17 @@ class PipelineTrainer(TrainerBase):
             step_time_s=time.perf_counter() - t0, skipped=skipped, stop=stop,
             sample_ids=[int(i) for ids in mbs for i in ids])
         return self.last_result
+
+    @torch.no_grad()
+    def _stage_grad_norm(self) -> float | None:
+        """This rank's stage gradient norm before clipping (pipeline ranks without TP or ZeRO,
+        where a rank's gradients are its whole stage's): what CheckFree weighs a neighbour by."""
+        if self.layout.pp < 3 or self.zero or self.layout.tp > 1:
+            return None
+        grads = [q.grad for q in self.params if q.grad is not None]
+        if not grads:
+            return None
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
 
     @torch.no_grad()
     def evaluate(self) -> float:

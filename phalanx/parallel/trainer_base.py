@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from phalanx.config import RunConfig
 from phalanx.data import GlobalBatchSampler, TokenWindows, train_val_split
+from phalanx.parallel import waits
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -71,7 +72,7 @@ class TrainerBase:
     def _all_reduce(self, t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
         # NCCL reduces device tensors only; gloo takes them where they are.
         t = t.to(self.device)
-        dist.all_reduce(t, group=group)
+        waits.wait(dist.all_reduce(t, group=group, async_op=True))
         return t.cpu()
 
     def _agree(self, loss_sum: float, finite: bool, stop_requested: bool,

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
+from phalanx.parallel import waits
 from phalanx.parallel.pipeline.actions import Action
 from phalanx.parallel.pipeline.lowering import peer
 from phalanx.parallel.pipeline.schedules import Schedule
@@ -121,7 +122,7 @@ class PipelineRuntime:
             if item is None:
                 return
             start = time.perf_counter()
-            item[0].wait()
+            waits.wait(item[0])  # gives up when the generation ends (see parallel/waits.py)
             events.append(Event(rank=self.pp_rank, action=f"{stage}{kind}{mb}", start=start,
                                 end=time.perf_counter()))
             if kind == "RECV_F":
@@ -209,7 +210,7 @@ class PipelineRuntime:
         assert not recvs, f"received but never used: {sorted(recvs)}"
         start = time.perf_counter()
         for work, _ in sends:
-            work.wait()
+            waits.wait(work)
         events.append(Event(rank=self.pp_rank, action="SEND_WAIT", start=start,
                             end=time.perf_counter()))
         return StepOutput(loss_sum=loss_sum, events=events)
