@@ -143,6 +143,7 @@ def main(argv: Sequence[str]) -> int:
         if written is not None:
             print(f"wrote {written}", file=sys.stderr)
     if args.out is not None:
-        figs = ", ".join(f"{k}={v:.3f}" for k, v in doc["figures"].items())
+        figs = ", ".join(f"{k}={v:.3f}" if v is not None else f"{k}=null"
+                         for k, v in doc["figures"].items())
         print(f"phalanx bench {args.name}: {figs}\nwrote {args.out}", file=sys.stderr)
     return 0
