@@ -126,7 +126,16 @@ def test_fresh_optimizer_zeroes_state_and_scales_lr_without_compounding():
         fresh_optimizer_(mixed, s1.parameters(), base_lr=1e-2)
 
 
-def test_bench_tiny_run_has_the_figures_and_rollback_replays_exactly(tmp_path):
+@pytest.fixture
+def one_thread():
+    # Small ops on 2 cores: intra-op threads cost 10-15x (see the machine notes).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_bench_tiny_run_has_the_figures_and_rollback_replays_exactly(tmp_path, one_thread):
     from phalanx.bench.checkfree import Case, bench, write_extras
 
     case = Case(model="tiny", steps=9, seq_len=32, micro_batch=1, n_micro=2, fail_every=3,
