@@ -49,8 +49,10 @@ Definitions (the same for every system, from wall-clock timestamps on this host)
 - committed step: phalanx -- the controller writes the step's commit (`g{G}/commit/{step}`
   carries its `time.time()`, read live from the run's store by this harness); torchrun --
   rank 0 has the reduced, clipped gradient and is about to call `optimizer.step()`;
-  torchft -- `Manager.should_commit()` returned True on replica group 0 (never killed).
-  Each is the instant the step's update is decided, just before the optimizer step.
+  torchft -- `Manager.should_commit()` returned True (every replica group logs its commits;
+  a step index's commit is the earliest, with the number of participating replica groups
+  torchft reports). Each is the instant the step's update is decided, just before the
+  optimizer step.
 - MTTR: from the kill (`at`) to the first committed step whose index is greater than the
   last step completed before the kill (S-1: the killed worker finished it), at the full
   world size (4 workers / 4 replica groups taking part). Re-executed steps after a rollback
@@ -283,6 +285,14 @@ def analyse(commits: Sequence[dict[str, Any]], kills: Sequence[dict[str, Any]], 
                     "goodput_tokens_per_s": tokens / window,
                     "steady_tokens_per_s": steady, "median_commit_interval_s": _median(gaps),
                     "goodput_fraction": tokens / window / steady})
+    first_kill = min((k["at"] for k in kills), default=math.inf)
+    pre = sorted((c for c in final.values() if c["t"] < first_kill), key=lambda c: c["step"])
+    pre_gaps = [b["t"] - a["t"] for a, b in zip(pre, pre[1:], strict=False)
+                if b["step"] == a["step"] + 1]
+    out["median_commit_interval_before_first_kill_s"] = _median(pre_gaps)
+    t0 = log[0]["t"] if log else 0.0
+    # Every commit, in time order: [step, seconds after the first commit, participants].
+    out["commit_log"] = [[c["step"], round(c["t"] - t0, 3), c["participants"]] for c in log]
     mttrs = [f["mttr_s"] for f in failures if f["mttr_s"] is not None]
     out["mttr_s_median"] = _median(mttrs)
     out["mttr_s_all"] = mttrs
@@ -389,6 +399,22 @@ def run_torchrun(case: Case, tmp: Path, *, elastic: bool, timeout: float) -> dic
 # ------------------------------------------------------------------ torchft
 
 
+def _torchft_commits(log_dir: Path, workers: int) -> list[dict[str, Any]]:
+    """One commit per step index over every replica group's log (torchft never replays an
+    index): the earliest `should_commit() == True`, the most participants any group saw."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in range(workers):
+        for x in read_jsonl(log_dir / f"replica{r}.jsonl"):
+            if x["event"] != "commit":
+                continue
+            c = by_step.setdefault(x["step"], {"step": x["step"], "t": x["t"], "groups": 0,
+                                               "participants": x["participants"]})
+            c["t"] = min(c["t"], x["t"])
+            c["participants"] = max(c["participants"], x["participants"])
+            c["groups"] += 1
+    return sorted(by_step.values(), key=lambda c: c["t"])
+
+
 def torchft_available() -> str | None:
     """None when torchft imports here, else why not."""
     try:
@@ -475,7 +501,7 @@ def run_torchft(case: Case, tmp: Path, *, timeout: float) -> dict[str, Any]:
     finally:
         lighthouse.shutdown()
     recs = read_jsonl(tmp / "logs" / "replica0.jsonl")
-    commits = [r for r in recs if r["event"] == "commit"]
+    commits = _torchft_commits(tmp / "logs", case.workers)
     kill_recs = _kill_records(tmp / "markers")
     res = analyse(commits, kill_recs, steps=steps, tokens_per_step=case.tokens_per_step,
                   full=case.workers)
@@ -695,7 +721,8 @@ DEFINITIONS = {
     "committed_step": "phalanx: the controller's commit of the step (its time.time(), read from "
                       "the run's store); torchrun: rank 0 holds the reduced, clipped gradient, "
                       "just before optimizer.step(); torchft: Manager.should_commit() returned "
-                      "True on replica group 0, just before optimizer.step()",
+                      "True, just before optimizer.step() (the earliest replica group to commit "
+                      "the step index, with the participant count torchft reports)",
     "mttr_s": "kill (the killed process's time.time() right before its SIGKILL) -> first "
               "committed step with index > the last step committed before the kill, with all "
               "4 workers / replica groups taking part; median over the failures of one run",
@@ -709,6 +736,17 @@ DEFINITIONS = {
                "for the restarted replica group); torchft_min2 (full run) lets them go on",
     "mttr_speedup": "mttr_s_torchrun / mttr_s_replica",
 }
+
+
+def _finite(x: Any) -> Any:
+    """NaN/inf (a median of nothing) as null: the document stays strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
 
 
 def bench(case: Case, *, quick: bool, systems: Sequence[str] = SYSTEMS,
@@ -731,7 +769,8 @@ def bench(case: Case, *, quick: bool, systems: Sequence[str] = SYSTEMS,
             unavailable[key] = ("not measured in this run: no failure recovered to the full "
                                 "world size before the run ended (see runs)")
             del figs[key]
-    doc = result_doc(NAME, quick=quick, runs=[setup, *runs], figures=figs)
+    doc = result_doc(NAME, quick=quick, runs=[_finite(setup), *map(_finite, runs)],
+                     figures=figs)
     for key in unavailable:  # null, with the reason in runs[0]["unavailable"]
         doc["figures"][key] = None
     if set(systems) >= set(SYSTEMS):
