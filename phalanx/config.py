@@ -158,8 +158,14 @@ class FaultConfig:
     # replica, else the newest checkpoint: peer memory or disk, everyone rolling back);
     # replica / checkpoint force one; checkfree = a replica where one lives, else an
     # intermediate pipeline stage rebuilt from its neighbours (CheckFree, not exact), else the
-    # checkpoint; none = the run fails (the behaviour before recovery).
+    # checkpoint; checkfree_plus = checkfree, and the end stages too: half the micro-batches
+    # train with the first two and last two stages swapped, stages 1 and S-2 mirror the
+    # embedding and head, and a lost end stage is copied from its swap partner (pp >= 4);
+    # none = the run fails (the behaviour before recovery).
     policy: str = "auto"
+    # What a stage rebuilt by checkfree / checkfree_plus starts from: its neighbours (the
+    # paper's algorithm) or fresh random weights (the baseline it is measured against).
+    checkfree_init: str = "neighbours"
     # Failures a run survives before it gives up (each one is a new generation).
     max_failures: int = 3
     # Fault injection: [{rank: 1, step: 20, kind: kill}, ...]; kind in kill (SIGKILL),
@@ -460,12 +466,22 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     for key in ("heartbeat_s", "heartbeat_timeout_s", "startup_timeout_s", "collective_timeout_s",
                 "hang_timeout_s"):
         _positive(f"fault.{key}", getattr(f, key))
-    _require(f.policy != "checkfree_plus",
-             "fault.policy=checkfree_plus needs out-of-order pipeline routes (half the "
-             "micro-batches with the end stages swapped), which the runtime does not run yet; "
-             "use fault.policy=checkfree (intermediate stages) or checkpoint.")
-    _require(f.policy in ("auto", "replica", "checkpoint", "checkfree", "none"),
-             f"fault.policy={f.policy!r}: choose auto, replica, checkpoint, checkfree or none.")
+    _require(f.policy in ("auto", "replica", "checkpoint", "checkfree", "checkfree_plus", "none"),
+             f"fault.policy={f.policy!r}: choose auto, replica, checkpoint, checkfree, "
+             "checkfree_plus or none.")
+    _require(f.checkfree_init in ("neighbours", "random"),
+             f"fault.checkfree_init={f.checkfree_init!r}: choose neighbours or random.")
+    if f.policy in ("checkfree", "checkfree_plus"):
+        p = run.parallel
+        _require(p.tp == 1 and p.zero.stage == 0 and p.vpp == 1,
+                 f"fault.policy={f.policy} rebuilds whole stages held one per rank: it needs "
+                 f"parallel.tp=1, parallel.zero.stage=0 and parallel.vpp=1 (got tp={p.tp}, "
+                 f"zero.stage={p.zero.stage}, vpp={p.vpp}).")
+    if f.policy == "checkfree_plus":
+        p = run.parallel
+        _require(p.pp >= 4, f"fault.policy=checkfree_plus swaps the first two and the last two "
+                 f"pipeline stages for half the micro-batches, which needs parallel.pp >= 4 "
+                 f"(got {p.pp}); use fault.policy=checkfree or checkpoint.")
     _require(f.max_failures >= 0, f"fault.max_failures={f.max_failures} must be >= 0.")
     _require(f.spares >= 0, f"fault.spares={f.spares} must be >= 0.")
     _require(f.grow_after_steps >= 0, f"fault.grow_after_steps={f.grow_after_steps} must be >= 0.")

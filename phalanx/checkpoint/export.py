@@ -52,6 +52,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from phalanx.checkpoint import store
 from phalanx.checkpoint.boxes import BoxLoadPlanner
+from phalanx.checkpoint.state import MIRROR_PREFIX
 
 __all__ = ["ExportError", "Source", "export_safetensors", "hf_config", "main", "plan_shards",
            "resolve_source"]
@@ -204,8 +205,8 @@ def _model_metadata(path: Path) -> dict[str, TensorStorageMetadata]:
     md = FileSystemReader(str(path)).read_metadata()
     out: dict[str, TensorStorageMetadata] = {}
     for key, meta in md.state_dict_metadata.items():
-        if not key.startswith(MODEL_PREFIX):
-            continue
+        if not key.startswith(MODEL_PREFIX) or key.startswith(MODEL_PREFIX + MIRROR_PREFIX):
+            continue  # CheckFree+ mirrors are copies of tensors the owner stage saved
         if not isinstance(meta, TensorStorageMetadata):
             raise ExportError(f"{path}: {key} is not a tensor in the checkpoint")
         out[key[len(MODEL_PREFIX):]] = meta

@@ -110,20 +110,27 @@ def replica_transfer(trainer: Any, *, rank: int, sources: dict[int, int], step: 
                 dist.send(t.contiguous(), dst=lost)
 
 
-def checkfree_sources(layout: Any, lost: int, alive: set[int]) -> tuple[int, int] | None:
-    """(previous-stage rank, next-stage rank) that can rebuild `lost`'s intermediate stage by
-    CheckFree (one stage per rank: vpp=1), or None."""
+def checkfree_sources(layout: Any, lost: int, alive: set[int], *,
+                      plus: bool = False) -> tuple[int, ...] | None:
+    """The ranks that rebuild `lost`'s stage (one stage per rank: vpp=1), or None: its
+    (previous, next) stage ranks for an intermediate stage (CheckFree's average); with
+    `plus`, an end stage's swap partner (CheckFree+'s copy)."""
+    from phalanx.checkpoint.checkfree import recovery_plan
+
     c = layout.coords(lost)
-    if layout.vpp != 1 or not 0 < c["pp"] < layout.pp - 1:
+    if layout.vpp != 1:
+        return None
+    how = recovery_plan(c["pp"], layout.pp, plus=plus)
+    if how.kind == "none":
         return None
     out = []
-    for s in (c["pp"] - 1, c["pp"] + 1):
+    for s in how.sources:
         want = {**c, "pp": s}
         r = next((r for r in range(layout.world_size) if layout.coords(r) == want), None)
         if r is None or r not in alive:
             return None
         out.append(r)
-    return out[0], out[1]
+    return tuple(out)
 
 
 def _layer_tensors(trainer: Any) -> list[tuple[str, torch.Tensor]]:
@@ -139,36 +146,92 @@ def _layer_tensors(trainer: Any) -> list[tuple[str, torch.Tensor]]:
                                           _LAYER.match(np_[0]).group(2)))
 
 
-@torch.no_grad()
-def checkfree_transfer(trainer: Any, *, rank: int, rebuild: dict[int, tuple[int, int]],
-                       step: int, base_lr: float) -> dict[str, float] | None:
-    """Collective over the new generation: each lost intermediate stage is rebuilt from its two
-    neighbours (their layer weights and last stage gradient norms, sent point to point) by
-    `checkfree.reconstruct_stage`, with a fresh optimizer at LR_SCALE x the learning rate.
-    Returns, on a rebuilt rank, the neighbour norms used (for the event log)."""
-    from phalanx.checkpoint.checkfree import fresh_optimizer_, reconstruct_stage
+def _end_tensors(trainer: Any) -> list[tuple[str, torch.Tensor]]:
+    """This rank's embedding / final norm / head parameters (owned or CheckFree+ mirrors),
+    by name: the same names on both stages of a swap pair."""
+    from phalanx.checkpoint.checkfree import EMBED_KEYS, HEAD_KEYS
 
+    ends = set(EMBED_KEYS) | set(HEAD_KEYS)
+    return sorted(((n, p) for m in trainer.stages.values() for n, p in m.named_parameters()
+                   if n in ends), key=lambda np_: np_[0])
+
+
+def _end_state(trainer: Any, tensors: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+    """Weights, AdamW moments and step of `tensors`: what an exact copy of them needs."""
+    from phalanx.checkpoint.state import optimizer_state_init
+
+    optimizer_state_init(trainer.optimizer)
+    out = []
+    for _, p in tensors:
+        st = trainer.optimizer.state[p]
+        out += [p.data, st["exp_avg"], st["exp_avg_sq"], st["step"]]
+    return out
+
+
+@torch.no_grad()
+def checkfree_transfer(trainer: Any, *, rank: int, rebuild: dict[int, tuple[int, ...]],
+                       step: int, base_lr: float, init: str = "neighbours"
+                       ) -> dict[str, Any] | None:
+    """Collective over the new generation: each lost stage is rebuilt from the ranks in
+    `rebuild` -- two neighbours (CheckFree: their layers averaged by `reconstruct_stage`,
+    weighted by their last stage gradient norms) or its swap partner (CheckFree+: layers
+    copied by `copy_stage`) -- with a fresh optimizer at LR_SCALE x the learning rate for the
+    layers. Under CheckFree+ the stage's embedding / head tensors are restored exactly
+    (weights, moments, step) from the swap partner, which holds the same tensors as owner or
+    mirror. `init="random"` re-initialises the layers with fresh random weights instead (the
+    baseline CheckFree is measured against). Returns, on a rebuilt rank, what was used."""
+    from phalanx.checkpoint.checkfree import (
+        copy_stage,
+        fresh_optimizer_,
+        layer_ids_of,
+        reconstruct_stage,
+        swap_partner,
+    )
+
+    lay = trainer.layout
+    plus = getattr(trainer, "plus", False)
+    n = lay.pp
     mine = _layer_tensors(trainer)
+    ends = _end_tensors(trainer) if plus else []
     used = None
-    for lost, (prev, nxt) in sorted(rebuild.items()):
-        if rank in (prev, nxt):
-            dist.send(torch.tensor([trainer.last_stage_grad_norm], dtype=torch.float64), dst=lost)
-            for _, t in mine:
-                dist.send(t.detach().contiguous(), dst=lost)
+    for lost, srcs in sorted(rebuild.items()):
+        lost_stage = lay.coords(lost)["pp"]
+        partner = swap_partner(lost_stage, n) if plus else None
+        for src in srcs:
+            is_partner = partner is not None and lay.coords(src)["pp"] == partner
+            if rank == src:
+                dist.send(torch.tensor([trainer.last_stage_grad_norm], dtype=torch.float64),
+                          dst=lost)
+                if init != "random":
+                    for _, t in mine:
+                        dist.send(t.detach().contiguous(), dst=lost)
+                if is_partner:
+                    for t in _end_state(trainer, ends):
+                        dist.send(t.contiguous(), dst=lost)
         if rank != lost:
             continue
         got, norms = {}, {}
-        for src in (prev, nxt):
-            n = torch.zeros(1, dtype=torch.float64)
-            dist.recv(n, src=src)
-            bufs = {name: torch.empty_like(t) for name, t in mine}
-            for name, _ in mine:
-                dist.recv(bufs[name], src=src)
-            got[src], norms[src] = bufs, float(n)
-        from phalanx.checkpoint.checkfree import layer_ids_of
-
+        end_bufs = _end_state(trainer, ends)
+        for src in srcs:
+            nb = torch.zeros(1, dtype=torch.float64)
+            dist.recv(nb, src=src)
+            norms[src] = float(nb)
+            if init != "random":
+                bufs = {name: torch.empty_like(t) for name, t in mine}
+                for name, _ in mine:
+                    dist.recv(bufs[name], src=src)
+                got[src] = bufs
+            if partner is not None and lay.coords(src)["pp"] == partner:
+                for t in end_bufs:  # filled in place: weights, moments and step
+                    dist.recv(t, src=src)
         ids = layer_ids_of(dict(mine))
-        new = reconstruct_stage(got[prev], got[nxt], norms[prev], norms[nxt], ids)
+        if init == "random":
+            how, new = "random", _random_layers(trainer, ids, seed=step)
+        elif len(srcs) == 2:
+            how = "average"
+            new = reconstruct_stage(got[srcs[0]], got[srcs[1]], norms[srcs[0]], norms[srcs[1]], ids)
+        else:
+            how, new = "copy", copy_stage(got[srcs[0]], ids)
         for name, t in mine:
             t.copy_(new[name])
         fresh_optimizer_(trainer.optimizer, [t for _, t in mine], base_lr=base_lr,
@@ -180,7 +243,22 @@ def checkfree_transfer(trainer: Any, *, rank: int, rebuild: dict[int, tuple[int,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sched.step()
-        used = {"prev_rank": prev, "next_rank": nxt, "prev_grad_norm": norms[prev],
-                "next_grad_norm": norms[nxt], "layers": ids,
-                "digest": tensors_digest({n: t for n, t in mine})}
+        used = {"how": how, "sources": list(srcs), "norms": [norms[r] for r in srcs],
+                "layers": ids, "digest": tensors_digest({n_: t for n_, t in mine}),
+                "end_tensors": [name for name, _ in ends if partner is not None]}
+        if len(srcs) == 2:  # names of the CheckFree event before CheckFree+ existed
+            used.update(prev_rank=srcs[0], next_rank=srcs[1], prev_grad_norm=norms[srcs[0]],
+                        next_grad_norm=norms[srcs[1]])
     return used
+
+
+def _random_layers(trainer: Any, layer_ids: list[int], *, seed: int) -> dict[str, torch.Tensor]:
+    """Fresh random weights for `layer_ids` (the init a new model gets, from a seed no
+    training run used), named as the stage's."""
+    from phalanx.models import LlamaForCausalLM
+    from phalanx.parallel.data_parallel import model_config
+
+    m = LlamaForCausalLM(model_config(trainer.run), layer_ids=layer_ids, has_embedding=False,
+                         has_head=False)
+    m.init_weights(trainer.run.trainer.seed + 7919 * (seed + 1))
+    return {k: v for k, v in m.state_dict().items() if k.startswith("model.layers.")}

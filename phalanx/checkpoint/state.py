@@ -8,6 +8,9 @@ the same checkpoint loads onto any dp / pp / tp / ZeRO layout:
     optim/step                          AdamW's step count (all parameters step together)
     trainer/step                        optimizer steps completed (= next step to run)
     rng/rank<r>                         torch's CPU RNG state of rank r (same layout only)
+    model/mirror.<param>, optim/mirror.<param>/...
+                                        CheckFree+ mirrors of the embedding / head held by
+                                        stage 1 / S-2 (equal to the owner's tensors)
 
 The values are live tensors (views, no copies): plain tensors where this rank
 holds the whole parameter (DDP, pipeline stages, ZeRO-1/2 parameters), DTensors
@@ -28,9 +31,10 @@ from torch.distributed.tensor import DTensor
 
 from phalanx.checkpoint.boxes import Boxes
 
-__all__ = ["STEP_KEY", "optimizer_state_init", "restore_after_load", "trainer_state"]
+__all__ = ["MIRROR_PREFIX", "STEP_KEY", "optimizer_state_init", "restore_after_load", "trainer_state"]
 
 STEP_KEY = "trainer/step"
+MIRROR_PREFIX = "mirror."
 
 
 def _adam_state(opt: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -71,8 +75,12 @@ def trainer_state(trainer: Any, *, step: int, with_rng: bool = True) -> dict[str
                       else [(None, trainer.model)]):
         z = zero.get(s) if s is not None else None
         if z is None:
+            mirrors = getattr(module, "mirror_names", ())
             for name, p in module.named_parameters():
                 st = _adam_state(opt, p)
+                # A CheckFree+ mirror is a second copy of another stage's tensor: its own
+                # name keeps the two apart in a checkpoint (export leaves mirrors out).
+                name = f"{MIRROR_PREFIX}{name}" if name in mirrors else name
                 out[f"model/{name}"] = p.data if not isinstance(p, DTensor) else p.detach()
                 out[f"optim/{name}/exp_avg"] = st["exp_avg"]
                 out[f"optim/{name}/exp_avg_sq"] = st["exp_avg_sq"]

@@ -346,7 +346,8 @@ def _enter_generation(run, plan, cp, *, rank, device, tokens, old, token, run_di
 
             used = checkfree_transfer(
                 trainer, rank=rank, step=start, base_lr=run.optim.lr,
-                rebuild={int(k): tuple(v) for k, v in rec.get("rebuild", {}).items()})
+                rebuild={int(k): tuple(v) for k, v in rec.get("rebuild", {}).items()},
+                init=run.fault.checkfree_init)
             if used is not None:
                 report({"event": "checkfree_rebuilt", "generation": generation, **used})
     elif rec.get("path"):  # resume at start-up, or every rank rolls back to a checkpoint

@@ -226,12 +226,12 @@ class LlamaModel(nn.Module):
         )
         self.rotary_emb = RotaryEmbedding(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+    def forward(self, x: torch.Tensor, *, embed: bool = True, norm: bool = True) -> torch.Tensor:
+        h = self.embed_tokens(x) if embed and self.embed_tokens is not None else x
         cos, sin = self.rotary_emb(h.shape[1], h.dtype)
         for layer in self.layers.values():
             h = layer(h, cos, sin)
-        if self.norm is not None:
+        if norm and self.norm is not None:
             h = self.norm(h)
         return h
 
@@ -305,9 +305,21 @@ class LlamaForCausalLM(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.model(x)
-        if not self.has_head:
+    def forward(self, x: torch.Tensor, *, first: bool | None = None,
+                last: bool | None = None) -> torch.Tensor:
+        """`first` / `last`: whether this stage starts / ends the micro-batch's route (None:
+        as built). A stage that holds an embedding or head it does not use on this route
+        (CheckFree+'s swapped routes, where they are mirrors) passes hidden states through."""
+        first = self.has_embedding if first is None else first
+        last = self.has_head if last is None else last
+        if first and not self.has_embedding:
+            raise ValueError(f"stage of layers {list(self.layer_ids)} starts a route but holds "
+                             "no embedding")
+        if last and not self.has_head:
+            raise ValueError(f"stage of layers {list(self.layer_ids)} ends a route but holds "
+                             "no head")
+        h = self.model(x, embed=first, norm=last)
+        if not last:
             return h
         if self.lm_head is None:
             return F.linear(h, self.model.embed_tokens.weight)

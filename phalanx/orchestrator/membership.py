@@ -38,7 +38,9 @@ class Recovery:
     step: int
     sources: dict[int, int] | None = None
     path: str | None = None
-    rebuild: dict[int, tuple[int, int]] | None = None
+    # lost rank -> the ranks it is rebuilt from: (previous, next) stage to average, or
+    # (swap partner,) to copy (CheckFree+'s end stages).
+    rebuild: dict[int, tuple[int, ...]] | None = None
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "step": self.step}
@@ -61,24 +63,29 @@ def choose_recovery(*, policy: str, layout: Any, lost: set[int], committed_steps
     from phalanx.checkpoint.store import latest
 
     alive = set(range(layout.world_size)) - lost
-    if policy in ("auto", "replica", "checkfree"):
+    checkfree = policy in ("checkfree", "checkfree_plus")
+    if policy in ("auto", "replica") or checkfree:
         sources = {r: replica_source(layout, r, alive) for r in sorted(lost)}
         if all(s is not None for s in sources.values()):
             return Recovery("replica", committed_steps, sources=sources), \
                 "a data-parallel replica of every lost shard is alive"
-    if policy == "checkfree" and checkfree_ok:
-        # Exact where a replica lives; CheckFree for stages with no copy anywhere.
+    if checkfree and checkfree_ok:
+        # Exact where a replica lives; CheckFree(+) for stages with no copy anywhere. A stage
+        # rebuilt from neighbours that are themselves lost cannot be: fall back below.
+        plus = policy == "checkfree_plus"
         exact = {r: s for r, s in sources.items() if s is not None}
-        rebuild = {r: checkfree_sources(layout, r, alive) for r in sorted(lost) if r not in exact}
+        rebuild = {r: checkfree_sources(layout, r, alive, plus=plus)
+                   for r in sorted(lost) if r not in exact}
         if all(v is not None for v in rebuild.values()) and not (set(rebuild) & {
                 s for v in rebuild.values() for s in v}):
+            name = "CheckFree+" if plus else "CheckFree"
             return Recovery("checkfree", committed_steps, sources=exact, rebuild=rebuild), \
                 (f"stage(s) of rank(s) {sorted(rebuild)} have no copy: rebuilt from their "
-                 "neighbour stages (CheckFree)")
+                 f"neighbour stages ({name})")
     if policy == "replica":
         return None, (f"fault.policy=replica but rank(s) {sorted(lost)} have no live replica "
                       f"(parallel.dp_replicate={layout.dp_replicate})")
-    if policy in ("auto", "checkpoint", "checkfree"):
+    if policy in ("auto", "checkpoint") or checkfree:
         path, manifest, skipped = latest(checkpoint_root, token=token)
         for bad, why in skipped:
             log.warning("recovery skips checkpoint %s: %s", bad, why)

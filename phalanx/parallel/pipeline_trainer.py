@@ -9,6 +9,8 @@ data-parallel trainer's: token-summed loss / global token count, dp SUM.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import time
 
@@ -29,12 +31,14 @@ from phalanx.parallel.optim import adamw, build_adamw, build_scheduler
 from phalanx.parallel.pipeline.actions import Action
 from phalanx.parallel.pipeline.lowering import lower
 from phalanx.parallel.pipeline.runtime import PipelineRuntime
-from phalanx.parallel.pipeline.schedules import Schedule, build_schedule
+from phalanx.parallel.pipeline.schedules import Schedule, ScheduleError, build_schedule
 from phalanx.parallel.pipeline.simulator import Event, simulate
 from phalanx.parallel.recompute import apply_recompute
 from phalanx.parallel.tensor import apply_tensor_parallel, clip_grad_norm_global_, tp_loss_sum
 from phalanx.parallel.trainer_base import StepResult, TrainerBase, seed_everything
 from phalanx.parallel.zero import ZeroStage
+
+log = logging.getLogger("phalanx.pipeline")
 
 
 def build_mesh(layout: Layout, device: torch.device) -> DeviceMesh:
@@ -85,9 +89,35 @@ class PipelineTrainer(TrainerBase):
         n_mb = t.global_batch // (self.dp_size * p.micro_batch_size)
         self.schedule = schedule or build_schedule(p.schedule, pp=p.pp, vpp=p.vpp,
                                                    n_microbatches=n_mb)
+        # Evaluation runs every micro-batch along the plain route 0..S-1: the model as it is
+        # meant to be used, whatever routes training takes.
+        self.eval_schedule = dataclasses.replace(self.schedule, routes=())
+        # CheckFree+ (fault.policy=checkfree_plus): odd micro-batches run with the first two
+        # and the last two stages swapped, so stage 1 learns to stand in for stage 0 and
+        # stage S-2 for stage S-1; stages 1 and S-2 then also hold a mirror of the embedding
+        # and of the final norm + head, kept identical to the owner's (gradients summed over
+        # the pair, same optimizer update).
+        self.plus = run.fault.policy == "checkfree_plus"
+        if self.plus:
+            from phalanx.checkpoint.checkfree import checkfree_plus_routes
+
+            self.schedule = dataclasses.replace(self.schedule, routes=checkfree_plus_routes(
+                self.schedule.n_microbatches, self.schedule.n_stages))
         # zero=True: the lowering places UNSHARD / RESHARD / REDUCE_GRAD; the data-parallel
         # reduction hangs off REDUCE_GRAD with or without ZeRO.
-        lowered = lower(self.schedule, zero=True)
+        try:
+            lowered = lower(self.schedule, zero=True)
+        except ScheduleError as e:
+            if not self.plus:
+                raise
+            # Some orders (1F1B with many micro-batches on >= 5 stages) wait for an input that
+            # a swapped route produces later; all forwards then all backwards always runs.
+            log.warning("%s cannot run CheckFree+'s swapped routes (%s); using gpipe's order",
+                        self.schedule.name, str(e).splitlines()[0])
+            self.schedule = dataclasses.replace(
+                build_schedule("gpipe", pp=p.pp, vpp=1, n_microbatches=self.schedule.n_microbatches),
+                routes=self.schedule.routes)
+            lowered = lower(self.schedule, zero=True)
         simulate(lowered, self.schedule, costs={"F": 1.0, "B": 2.0, "I": 1.0, "W": 1.0})
         cfg = model_config(run)
         self.stages: dict[int, nn.Module] = {}
@@ -95,8 +125,13 @@ class PipelineTrainer(TrainerBase):
         for s in self.schedule.rank_stages(self.pp_rank):
             m = LlamaForCausalLM(cfg, layer_ids=stage_layers(s, n_stages=n_stages,
                                                              num_layers=cfg.num_hidden_layers),
-                                 has_embedding=s == 0, has_head=s == n_stages - 1)
+                                 has_embedding=s == 0 or (self.plus and s == 1),
+                                 has_head=s == n_stages - 1 or (self.plus and s == n_stages - 2))
+            # Components draw from generators seeded by their names: a mirror starts equal
+            # to its owner.
             m.init_weights(t.seed)
+            m.routed = self.plus
+            m.mirror_names = _mirror_names(m, s, n_stages) if self.plus else frozenset()
             m.to(device)
             if p.tp > 1:
                 apply_tensor_parallel(m, self.mesh["tp"], sequence_parallel=p.sp)
@@ -112,10 +147,20 @@ class PipelineTrainer(TrainerBase):
                                     for g in z.optimizer_groups(run.optim.weight_decay)], run.optim)
             # Shards are disjoint within dp_shard: their norms add up there too.
             self._norm_groups = [self.pp_group, self.shard_group]
+        elif self.plus:
+            self.params = [q for m in self.stages.values() for q in m.parameters()]
+            self.optimizer = adamw(_plus_groups(self.stages, run.optim.weight_decay), run.optim)
+            self._norm_groups = [self.pp_group]
         else:
             self.params = [q for m in self.stages.values() for q in m.parameters()]
             self.optimizer = build_adamw(nn.ModuleList(list(self.stages.values())), run.optim)
             self._norm_groups = [self.pp_group]
+        mirrors = {id(q) for m in self.stages.values() for n, q in m.named_parameters()
+                   if n in getattr(m, "mirror_names", ())}
+        # A mirror is a second copy: counted once (by its owner) in the gradient norm.
+        self._norm_params = [q for q in self.params if id(q) not in mirrors]
+        self._mirror_params = [q for q in self.params if id(q) in mirrors]
+        self._mirror_sync = self._mirror_groups() if self.plus else []
         self.scheduler = build_scheduler(self.optimizer, run.optim, t.steps)
         self._setup_data(run, tokens)
         pp_ranks = torch.distributed.get_process_group_ranks(self.pp_group)
@@ -131,15 +176,53 @@ class PipelineTrainer(TrainerBase):
                                        hooks={**gathers, "REDUCE_GRAD": self._reduce_stage},
                                        **common)
         self.eval_runtime = PipelineRuntime(
-            actions=forward_only_actions(self.schedule, self.pp_rank), loss_scale=1.0,
-            hooks=gathers, **common)
+            actions=forward_only_actions(self.eval_schedule, self.pp_rank), loss_scale=1.0,
+            hooks=gathers, **{**common, "schedule": self.eval_schedule})
         self._pending: list[tuple[dist.Work, torch.Tensor, list[torch.Tensor]]] = []
         self.last_events: list[Event] = []
         self.last_stage_grad_norm = 0.0
         # The loss is counted once per pipeline: by tp rank 0 of whichever rank holds the
         # last stage, in each data-parallel replica.
-        self._counts_loss = (self.tp_rank == 0
-                             and self.schedule.stage_to_rank[n_stages - 1] == self.pp_rank)
+        # With CheckFree+ the routes end on two stages: each adds its micro-batches' share.
+        self._counts_loss = self.tp_rank == 0 and any(
+            self.schedule.stage_to_rank[r[-1]] == self.pp_rank for r in self.schedule.routes)
+        self._eval_counts_loss = (self.tp_rank == 0
+                                  and self.schedule.stage_to_rank[n_stages - 1] == self.pp_rank)
+
+    def _mirror_groups(self) -> list[tuple[dist.ProcessGroup, list[torch.Tensor]]]:
+        """CheckFree+: one two-rank group per (owner, mirror holder) pair of every pipeline
+        (stages 0 and 1 for the embedding, S-2 and S-1 for the head), each with this rank's
+        tensors that pair shares. Every rank creates every group (new_group is collective)."""
+        from phalanx.checkpoint.checkfree import EMBED_KEYS, HEAD_KEYS
+
+        n = self.schedule.n_stages
+        lay, out = self.layout, []
+        pipelines: dict[tuple, dict[int, int]] = {}
+        for r in range(lay.world_size):
+            c = lay.coords(r)
+            pipelines.setdefault(tuple(v for k, v in sorted(c.items()) if k != "pp"), {})[
+                c["pp"]] = r
+        for _key, by_stage in sorted(pipelines.items()):
+            for pair, keys in (((0, 1), EMBED_KEYS), ((n - 2, n - 1), HEAD_KEYS)):
+                ranks = [by_stage[self.schedule.stage_to_rank[s]] for s in pair]
+                group = dist.new_group(ranks)
+                if self.rank in ranks:
+                    tensors = [q for m in self.stages.values() for name, q in m.named_parameters()
+                               if name in keys]
+                    out.append((group, tensors))
+        return out
+
+    def _sum_mirror_grads(self) -> None:
+        """Owner and mirror each saw their routes' micro-batches: both take the sum (the same
+        bits on both ranks, so the same update keeps them identical)."""
+        for group, tensors in self._mirror_sync:
+            grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in tensors]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            waits.wait(dist.all_reduce(flat, group=group, async_op=True))
+            offset = 0
+            for q, g in zip(tensors, grads, strict=True):
+                q.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+                offset += g.numel()
 
     def _mesh_world_group(self) -> dist.ProcessGroup:
         ranks = sorted(int(r) for r in self.mesh.mesh.flatten())
@@ -199,9 +282,14 @@ class PipelineTrainer(TrainerBase):
         out = self.runtime.step(xs, ys)
         self.last_events = out.events
         self._finish_reductions()
+        self._sum_mirror_grads()
         clip = self.run.trainer.grad_clip if self.run.trainer.grad_clip > 0 else math.inf
         stage_norm = self._stage_grad_norm()
-        norm = clip_grad_norm_global_(self.params, clip, groups=self._norm_groups)
+        norm = clip_grad_norm_global_(self._norm_params, clip, groups=self._norm_groups)
+        coef = clip / (float(norm) + 1e-6)
+        if self._mirror_params and coef < 1.0 and math.isfinite(float(norm)):
+            for q in self._mirror_params:  # scaled by the owner's factor, as the owner is
+                q.grad.mul_(coef)
         loss, skipped, stop = self._agree(float(out.loss_sum) if self._counts_loss else 0.0,
                                           math.isfinite(float(norm)), stop_requested,
                                           self.world_group)
@@ -228,7 +316,7 @@ class PipelineTrainer(TrainerBase):
         where a rank's gradients are its whole stage's): what CheckFree weighs a neighbour by."""
         if self.layout.pp < 3 or self.zero or self.layout.tp > 1:
             return None
-        grads = [q.grad for q in self.params if q.grad is not None]
+        grads = [q.grad for q in self._norm_params if q.grad is not None]
         if not grads:
             return None
         return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
@@ -250,10 +338,38 @@ class PipelineTrainer(TrainerBase):
             out = self.eval_runtime.step(xs, ys)
             for m in self.stages.values():
                 m.train()
-            if self._counts_loss:
+            if self._eval_counts_loss:
                 total[0] += out.loss_sum
             total[1] += per_pipeline * t.seq_len
         total = self._all_reduce(total, self.world_group)
         # Every rank added the token count; one pipeline's worth of ranks per replica matters.
         ranks_per_replica = self.layout.pp * self.layout.tp
         return float(total[0] / (total[1] / ranks_per_replica))
+
+
+def _mirror_names(stage: nn.Module, s: int, n_stages: int) -> frozenset[str]:
+    """The parameters of stage `s` that mirror another stage's (CheckFree+): the embedding on
+    stage 1, the final norm and head on stage S-2."""
+    from phalanx.checkpoint.checkfree import mirror_keys
+
+    owner = {1: 0, n_stages - 2: n_stages - 1}.get(s)
+    if owner is None:
+        return frozenset()
+    names = {n for n, _ in stage.named_parameters()}
+    return frozenset(k for k in mirror_keys(owner, n_stages) if k in names)
+
+
+def _plus_groups(stages: dict[int, nn.Module], weight_decay: float) -> list[dict]:
+    """AdamW groups for CheckFree+: the embedding / norm / head tensors apart from the layers,
+    so that a rebuilt stage's layers can get a fresh optimizer at a scaled rate while its
+    end tensors, restored exactly from their mirror, keep theirs (decay rule as build_adamw)."""
+    from phalanx.checkpoint.checkfree import EMBED_KEYS, HEAD_KEYS
+
+    ends = set(EMBED_KEYS) | set(HEAD_KEYS)
+    buckets: dict[tuple[bool, bool], list] = {(e, d): [] for e in (False, True) for d in (True, False)}
+    for m in stages.values():
+        for name, q in m.named_parameters():
+            if q.requires_grad:
+                buckets[(name in ends, q.ndim >= 2)].append(q)
+    return [{"params": ps, "weight_decay": weight_decay if decay else 0.0}
+            for (_, decay), ps in buckets.items() if ps]

@@ -166,7 +166,10 @@ class PipelineRuntime:
                 x = inputs[a.mb].to(self.device) if prev is None else fwd_in[key]
                 fwd_in[key] = x
                 with self.autocast():
-                    out = module(x)
+                    # A stage on routes that differ in where it stands (CheckFree+) is told
+                    # whether it starts or ends this one; others are built for their place.
+                    out = (module(x, first=prev is None, last=nxt is None)
+                           if getattr(module, "routed", False) else module(x))
                 if nxt is None:
                     loss = self.loss_fn(out, targets[a.mb].to(self.device))
                     loss_sum += loss.detach().double().cpu()
