@@ -33,7 +33,18 @@ from phalanx.checkpoint.state import trainer_state
 
 log = logging.getLogger("phalanx.checkpoint")
 
-__all__ = ["CheckpointManager", "buddy_of"]
+__all__ = ["CheckpointManager", "buddy_of", "peer_dir"]
+
+
+def peer_dir(root: str | Path) -> Path:
+    """Where persisters keep their buddy copies: host memory (tmpfs) where the machine has
+    one, named after the checkpoint root so that runs do not share it."""
+    import hashlib
+    import tempfile
+
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    tag = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    return base / f"phalanx-peer-{os.getuid()}-{tag}"
 
 
 def buddy_of(rank: int, world: int, *, ranks_per_node: int, ranks_per_stage: int = 1) -> int:
@@ -71,11 +82,19 @@ class CheckpointManager:
         self.saved: list[dict[str, Any]] = []
         self.failed: list[dict[str, Any]] = []
         self.peer_steps: list[int] = []
+        # The newest buddy copy this worker's persister holds: {"step", "from_rank", "path"}.
+        self.peer_copy: dict[str, Any] | None = None
+        # The buffer set holding this rank's own snapshot of the newest peer step: kept until
+        # the next peer exchange, because a peer recovery rolls every survivor back to it.
+        self._peer_set: int | None = None
         self._persist_dead = False
         if not self.memory_every:
             return
         live = trainer_state(trainer, step=0)
-        self.snap = HostSnapshot(live)
+        # A third set when snapshots are taken between peer steps: one pinned for recovery,
+        # one being written, one holding the newest complete snapshot.
+        pin = bool(self.peer_every) and self.memory_every < self.peer_every
+        self.snap = HostSnapshot(live, n_sets=3 if pin else 2)
         # The optimizer must not change what is being copied: its step waits for the copy.
         trainer.optimizer.register_step_pre_hook(lambda *_a, **_k: self.snap.wait())
         if self.disk_every or self.peer_every:
@@ -98,7 +117,8 @@ class CheckpointManager:
                "prefix": f"g{generation}/persist{self.instance}",
                "world": self.world, "token": self.token, "root": str(self.root),
                "keep_last": ck.keep_last, "keep_every": ck.keep_every,
-               "timeout_s": ck.persist_timeout_s, "buddy": buddy, "ward": ward}
+               "timeout_s": ck.persist_timeout_s, "buddy": buddy, "ward": ward,
+               "peer_dir": str(peer_dir(self.root))}
         ctx = mp.get_context("spawn")
         self.cmds, self.replies = ctx.Queue(), ctx.Queue()
         self.proc = ctx.Process(target=persister.main, name=f"phalanx-persister-{self.rank}",
@@ -127,9 +147,7 @@ class CheckpointManager:
                 self.saved.append(info)
                 self.events({"event": "checkpoint_saved", "rank": self.rank, **info})
             elif kind == "peer":
-                self.peer_steps.append(info["step"])
-                if self.rank == 0:
-                    self.events({"event": "checkpoint_peer", "rank": self.rank, **info})
+                self._took_peer(idx, info)
             elif kind == "failed":
                 self.failed.append(info)
                 self.events({"event": "checkpoint_failed", "rank": self.rank,
@@ -169,8 +187,10 @@ class CheckpointManager:
             free = [i for i in range(len(self.snap.sets)) if i not in self.in_use]
             if free:
                 latest, _ = self.snap.latest()
-                # Keep the newest complete snapshot intact when another set is free.
-                others = [i for i in free if i != latest]
+                # Keep the newest complete snapshot, and the one a peer recovery would roll
+                # back to, intact when another set is free.
+                others = [i for i in free if i not in (latest, self._peer_set)]
+                others = others or [i for i in free if i != latest]
                 return (others or free)[0]
             self.poll(block_s=1.0)
 
@@ -220,10 +240,27 @@ class CheckpointManager:
             if kind == "dumped":
                 return
             if kind == "peer":
-                self.peer_steps.append(info["step"])
+                self._took_peer(idx, info)
             if kind == "saved":
                 self.saved.append(info)
         raise TimeoutError("persister did not dump its peer copy")
+
+    def _took_peer(self, idx: int | None, info: dict[str, Any]) -> None:
+        self.peer_steps.append(info["step"])
+        self.peer_copy = {k: info[k] for k in ("step", "from_rank", "path")}
+        self._peer_set = idx
+        # Every rank reports what it holds: the controller picks a peer recovery from these.
+        self.events({"event": "checkpoint_peer", "rank": self.rank, **info})
+
+    def own_snapshot(self, step: int) -> dict[str, Any] | None:
+        """This rank's complete snapshot of `step` (buffers keyed like trainer_state), if a
+        set still holds it."""
+        if self.snap is None:
+            return None
+        for i, held in enumerate(self.snap.step):
+            if held == step:
+                return self.snap.sets[i]
+        return None
 
     def stats(self) -> dict[str, Any]:
         s = self.snap
@@ -262,3 +299,9 @@ class CheckpointManager:
             self.proc.kill()
             self.proc.join()
         self.proc = None
+        if self.peer_copy is not None:  # the run is over: nobody will recover from it
+            Path(self.peer_copy["path"]).unlink(missing_ok=True)
+            try:
+                Path(self.peer_copy["path"]).parent.rmdir()
+            except OSError:
+                pass  # other ranks' copies are still there

@@ -85,11 +85,17 @@ def main(cfg: dict[str, Any], sets: list[dict[str, Any]], cmds: Any, replies: An
                 _, idx, step = cmd
                 t0 = time.perf_counter()
                 peer = _exchange(sets[idx], step, cfg)
+                # Into host memory outside this process (tmpfs): the copy must outlive the
+                # persister, which a generation change kills, so that recovery can send it.
+                path = _keep(peer, cfg["peer_dir"], cfg["rank"])
+                del peer["state"]
                 replies.put(("peer", idx, {"step": step, "from_rank": peer["rank"],
+                                           "path": path,
                                            "exchange_s": time.perf_counter() - t0}))
             elif kind == "dump_peer":
-                torch.save({"step": peer.get("step"), "rank": peer.get("rank"),
-                            "state": peer.get("state")}, cmd[1])
+                import shutil
+
+                shutil.copyfile(peer["path"], cmd[1])
                 replies.put(("dumped", None, {"path": cmd[1]}))
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - reported, never fatal
             # (DCP's CheckpointException derives from BaseException.)
@@ -100,6 +106,19 @@ def main(cfg: dict[str, Any], sets: list[dict[str, Any]], cmds: Any, replies: An
                 break  # a dead gloo group cannot run another collective (see DESIGN.md)
     dist.destroy_process_group()
     replies.put(("stopped", None, {}))
+
+
+def _keep(peer: dict[str, Any], directory: str, rank: int) -> str:
+    """Write the ward's copy atomically as `peer-holder{rank}.pt`; returns its path."""
+    import torch
+
+    os.makedirs(directory, exist_ok=True)
+    final = os.path.join(directory, f"peer-holder{rank}.pt")
+    tmp = f"{final}.tmp"
+    torch.save({"step": peer["step"], "rank": peer["rank"], "state": peer["state"]}, tmp)
+    os.replace(tmp, final)
+    peer["path"] = final
+    return final
 
 
 def _summary(e: BaseException) -> str:

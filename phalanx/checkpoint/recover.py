@@ -19,7 +19,8 @@ from torch.distributed.tensor import DTensor
 from phalanx.checkpoint.boxes import Boxes
 from phalanx.checkpoint.state import restore_after_load, trainer_state
 
-__all__ = ["carry_over", "checkfree_sources", "survivor_state", "checkfree_transfer", "replica_source",
+__all__ = ["carry_over", "checkfree_sources", "survivor_state", "checkfree_transfer", "peer_transfer",
+           "replica_source",
            "replica_transfer", "state_digest", "tensors_digest"]
 
 
@@ -262,3 +263,47 @@ def _random_layers(trainer: Any, layer_ids: list[int], *, seed: int) -> dict[str
                          has_head=False)
     m.init_weights(trainer.run.trainer.seed + 7919 * (seed + 1))
     return {k: v for k, v in m.state_dict().items() if k.startswith("model.layers.")}
+
+
+def _pieces(state: dict[str, Any]) -> list[tuple[tuple[str, tuple[int, ...]], torch.Tensor]]:
+    """A trainer_state's tensors as ((name, offsets), piece), in the order a snapshot's boxes
+    sort: the same order on the rank that lost its state and on the buddy holding it."""
+    from phalanx.checkpoint.snapshot import as_boxes
+
+    return sorted((((name, off), t) for name, v in state.items()
+                   for off, t in as_boxes(v).pieces.items()), key=lambda kv: kv[0])
+
+
+@torch.no_grad()
+def peer_transfer(trainer: Any, *, rank: int, step: int, sources: dict[int, int],
+                  own: dict[str, Any] | None, peer_file: str | None) -> int:
+    """Collective over the new generation: every rank rolls back to its snapshot of `step` in
+    host memory -- a survivor from its own (`own`: the buffers keyed like trainer_state), a
+    lost rank's replacement from the buddy that holds its copy (`sources`: lost -> holder,
+    which reads `peer_file`, the copy its persister kept, and sends it point to point).
+    Exact: the same tensors the lost rank had at that step, RNG included. Returns `step`."""
+    state = trainer_state(trainer, step=step)
+    mine = _pieces(state)
+    if rank in sources:
+        for _, t in mine:
+            dist.recv(t, src=sources[rank])
+    else:
+        if own is None:
+            raise RuntimeError(f"rank {rank}: no snapshot of step {step} in memory for the peer "
+                               "recovery")
+        for (name, off), t in mine:
+            if name != "trainer/step":
+                t.copy_(own[name].pieces[off])
+    for lost, holder in sorted(sources.items()):
+        if holder != rank:
+            continue
+        if peer_file is None:
+            raise RuntimeError(f"rank {rank} holds no buddy copy to send to rank {lost}")
+        copy = torch.load(peer_file, mmap=True, weights_only=True)
+        if (copy["rank"], copy["step"]) != (lost, step):
+            raise RuntimeError(f"rank {rank}'s buddy copy is rank {copy['rank']}'s step "
+                               f"{copy['step']}, not rank {lost}'s step {step}")
+        for _, t in sorted(copy["state"].items(), key=lambda kv: kv[0]):
+            dist.send(t.contiguous(), dst=lost)
+    state["trainer/step"].fill_(step)
+    return restore_after_load(trainer, state)

@@ -6,6 +6,8 @@ The controller publishes, under `g{G}/`: the recipe, the plan (members + layout)
     {"kind": "fresh", "step": 0}                                   first generation
     {"kind": "resume", "path": CKPT, "step": S}                    checkpoint.resume
     {"kind": "replica", "step": S, "sources": {lost: source}}      exact, no rollback
+    {"kind": "peer", "step": S, "sources": {lost: holder}}         every rank rolls back to
+                                                                   its snapshot in memory
     {"kind": "checkpoint", "path": CKPT, "step": S}                every rank rolls back
     {"kind": "restart", "step": 0}                                 nothing to recover from
 
@@ -29,7 +31,7 @@ from phalanx.orchestrator.control_plane import ControlPlane
 
 log = logging.getLogger("phalanx.controller")
 
-__all__ = ["Recovery", "choose_recovery", "publish_generation"]
+__all__ = ["Recovery", "choose_recovery", "peer_recovery", "publish_generation"]
 
 
 @dataclass
@@ -55,8 +57,11 @@ class Recovery:
 
 def choose_recovery(*, policy: str, layout: Any, lost: set[int], committed_steps: int,
                     checkpoint_root: Path, token: str | None,
-                    checkfree_ok: bool = False) -> tuple[Recovery | None, str]:
+                    checkfree_ok: bool = False,
+                    peer_copies: dict[int, tuple[int, int]] | None = None
+                    ) -> tuple[Recovery | None, str]:
     """(recovery, why). `committed_steps`: optimizer steps the survivors have committed.
+    `peer_copies`: holder rank -> (ward rank, step) of the newest buddy copy each holds.
     `checkfree_ok`: the trainer keeps whole stages per rank (no TP, no ZeRO), so CheckFree
     can rebuild one from its neighbours (fault.policy=checkfree)."""
     from phalanx.checkpoint.recover import checkfree_sources, replica_source
@@ -89,11 +94,35 @@ def choose_recovery(*, policy: str, layout: Any, lost: set[int], committed_steps
         path, manifest, skipped = latest(checkpoint_root, token=token)
         for bad, why in skipped:
             log.warning("recovery skips checkpoint %s: %s", bad, why)
+        peer = peer_recovery(peer_copies or {}, lost=lost, alive=alive)
+        if peer is not None and (path is None or peer.step >= int(manifest["step"])):
+            return peer, (f"no live replica; the lost rank(s)' snapshots of step {peer.step} "
+                          f"are in their buddies' memory (ranks "
+                          f"{sorted(set(peer.sources.values()))})")
         if path is not None:
             return Recovery("checkpoint", int(manifest["step"]), path=str(path)), \
                 f"no live replica; newest verified checkpoint is step {manifest['step']}"
         return Recovery("restart", 0), "no live replica and no checkpoint: restarting from step 0"
     return None, f"fault.policy={policy}"
+
+
+def peer_recovery(peer_copies: dict[int, tuple[int, int]], *, lost: set[int],
+                  alive: set[int]) -> Recovery | None:
+    """Everyone back to step S from memory: each lost rank's snapshot of S from the buddy
+    that holds it, every survivor's own from its host memory. Only when every survivor's
+    newest peer exchange is S (the exchange is collective: its own snapshot of S is then
+    pinned in memory) and every lost rank's copy of S lives on a survivor."""
+    steps = {peer_copies[r][1] for r in alive if r in peer_copies}
+    if len(steps) != 1 or not alive <= set(peer_copies):
+        return None
+    (step,) = steps
+    sources = {}
+    for lr in sorted(lost):
+        holder = next((h for h in sorted(alive) if peer_copies[h] == (lr, step)), None)
+        if holder is None:
+            return None
+        sources[lr] = holder
+    return Recovery("peer", step, sources=sources)
 
 
 def publish_generation(store: Any, *, token: str, generation: int, config: dict[str, Any],
