@@ -158,3 +158,36 @@ def test_bench_tiny_run_has_the_figures_and_rollback_replays_exactly(tmp_path, o
     assert runs["rollback"]["final_committed_step"] == case.steps - figs["rollback_steps_lost"]
     pytest.importorskip("matplotlib")
     assert write_extras(doc, tmp_path / "cf.json").stat().st_size > 1000
+
+
+def test_scaled_rate_of_a_rebuilt_stage_survives_a_later_generation(tmp_path, one_thread):
+    """A survivor carries its parameter groups' base rates into the next generation's trainer,
+    so a stage rebuilt at LR_SCALE x keeps that rate after any later membership change."""
+    import numpy as np
+    import torch.distributed as dist
+
+    from phalanx.checkpoint.recover import carry_over, survivor_state
+    from phalanx.config import validate
+    from phalanx.launch.cli import compose_recipe
+    from phalanx.parallel.data_parallel import DataParallelTrainer
+    from phalanx.parallel.mesh import Layout
+
+    run = validate(compose_recipe(["model=tiny", "trainer=smoke", "data=synthetic"]))
+    tokens = np.random.default_rng(0).integers(0, 256, 50_000).astype(np.uint16)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        def trainer() -> DataParallelTrainer:
+            return DataParallelTrainer(run, rank=0, layout=Layout(), tokens=tokens,
+                                       device=torch.device("cpu"))
+
+        old = trainer()
+        old.train_step(0)
+        params = [p for g in old.optimizer.param_groups for p in g["params"]]
+        fresh_optimizer_(old.optimizer, params, base_lr=run.optim.lr, scheduler=old.scheduler)
+        new = trainer()
+        carry_over(survivor_state(old, step=1), new, step=1)
+        assert new.scheduler.base_lrs == pytest.approx([LR_SCALE * run.optim.lr] * 2)
+        assert [g["lr"] for g in new.optimizer.param_groups] == pytest.approx(
+            [g["lr"] for g in old.optimizer.param_groups], rel=1e-12)
+    finally:
+        dist.destroy_process_group()

@@ -68,6 +68,10 @@ def survivor_state(trainer: Any, *, step: int) -> dict[str, torch.Tensor]:
     # Not state a checkpoint keeps, but what CheckFree weighs this stage by if a neighbour
     # must be rebuilt in the next generation.
     out["_last_stage_grad_norm"] = torch.tensor(getattr(trainer, "last_stage_grad_norm", 0.0))
+    # Per parameter group: a stage rebuilt by CheckFree keeps its scaled rate for good.
+    sched = getattr(trainer, "scheduler", None)
+    if sched is not None and hasattr(sched, "base_lrs"):
+        out["_base_lrs"] = torch.tensor(sched.base_lrs, dtype=torch.float64)
     return out
 
 
@@ -82,6 +86,12 @@ def carry_over(old: Any, new: Any, *, step: int) -> int:
             t.copy_(src[name])
     if "_last_stage_grad_norm" in src:
         new.last_stage_grad_norm = float(src["_last_stage_grad_norm"])
+    base = src.get("_base_lrs")
+    sched = getattr(new, "scheduler", None)
+    if base is not None and sched is not None and len(base) == len(sched.base_lrs):
+        sched.base_lrs = [float(b) for b in base]
+        for g, b in zip(new.optimizer.param_groups, sched.base_lrs, strict=True):
+            g["initial_lr"] = b
     return restore_after_load(new, dst_state)
 
 
