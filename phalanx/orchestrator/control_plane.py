@@ -74,10 +74,20 @@ class ControlPlane:
             value = self.get(key)
             if value is not None:
                 return value
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise TimeoutError(f"no value at control-plane key {self._full(key)} "
                                    f"after {timeout_s:.0f} s")
-            time.sleep(0.05)
+            # The store's own wait returns the moment the key is written (no polling delay on
+            # a recovery's critical path). A value that is there but not validly signed makes
+            # it return at once: then poll, so a forged key cannot make this spin.
+            if self.store.check([self._full(key)]):
+                time.sleep(min(0.05, left))
+                continue
+            try:
+                self.store.wait([self._full(key)], timedelta(seconds=min(left, 5.0)))
+            except (RuntimeError, dist.DistError):
+                pass  # the store's timeout; the deadline check above decides
 
     def delete(self, key: str) -> None:
         self.store.delete_key(self._full(key))

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from phalanx.config import RunConfig
 from phalanx.models import LlamaConfig, LlamaForCausalLM
+from phalanx.parallel import interrupt
 from phalanx.parallel.mesh import Layout
 from phalanx.parallel.optim import build_adamw, build_scheduler
 from phalanx.parallel.recompute import apply_recompute
@@ -47,7 +48,10 @@ def model_config(run: RunConfig) -> LlamaConfig:
 
 class DataParallelTrainer(TrainerBase):
     def __init__(self, run: RunConfig, *, rank: int, layout: Layout, tokens: np.ndarray,
-                 device: torch.device, group: dist.ProcessGroup | None = None) -> None:
+                 device: torch.device, group: dist.ProcessGroup | None = None,
+                 init_sync: bool = True) -> None:
+        """`init_sync=False`: skip DDP's broadcast of rank 0's parameters at construction,
+        for a trainer whose state is about to be overwritten anyway (a recovery)."""
         self.run, self.rank, self.layout, self.device = run, rank, layout, device
         self.group = group
         self.dp_rank, self.dp_size = layout.dp_rank(rank), layout.dp
@@ -57,6 +61,7 @@ class DataParallelTrainer(TrainerBase):
         model.init_weights(t.seed)
         model.to(device)
         apply_recompute(model, run.parallel.recompute)
+        interrupt.install([model])
         self.model = model
         device_ids = [device.index] if device.type == "cuda" else None
         # Buffers (rotary tables) are deterministic, so broadcasting them every forward is waste.
@@ -64,7 +69,7 @@ class DataParallelTrainer(TrainerBase):
         sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS
                 else {"broadcast_buffers": False})  # torch < 2.13 knows only the old name
         self.ddp = DDP(model, device_ids=device_ids, process_group=group,
-                       gradient_as_bucket_view=True, **sync)
+                       gradient_as_bucket_view=True, init_sync=init_sync, **sync)
         if run.precision.reduce == "bf16":
             self.ddp.register_comm_hook(group, default_hooks.bf16_compress_hook)
         else:

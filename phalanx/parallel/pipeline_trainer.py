@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from phalanx.config import RunConfig
 from phalanx.data import TokenWindows
 from phalanx.models import LlamaForCausalLM
-from phalanx.parallel import waits
+from phalanx.parallel import interrupt, waits
 from phalanx.parallel.data_parallel import model_config
 from phalanx.parallel.mesh import AXES, Layout
 from phalanx.parallel.optim import adamw, build_adamw, build_scheduler
@@ -137,6 +137,7 @@ class PipelineTrainer(TrainerBase):
                 apply_tensor_parallel(m, self.mesh["tp"], sequence_parallel=p.sp)
             apply_recompute(m, p.recompute)
             self.stages[s] = m
+        interrupt.install(self.stages.values())
         self.zero: dict[int, ZeroStage] = {}
         if p.zero.stage > 0:
             replicas = self.replica_group if layout.dp_replicate > 1 else None

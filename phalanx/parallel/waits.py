@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["StepAborted", "set_abort_check", "wait"]
+__all__ = ["StepAborted", "aborting", "has_abort_check", "set_abort_check", "wait"]
 
 POLL_S = 0.05
 _check: Callable[[], bool] | None = None
@@ -70,3 +70,14 @@ def wait(work: Any) -> None:
             raise StepAborted("a new generation started while waiting on a transfer")
     if box:
         raise box[0]
+
+
+def has_abort_check() -> bool:
+    """Whether a worker installed an abort check (`set_abort_check`)."""
+    return _check is not None
+
+
+def aborting() -> bool:
+    """The abort check's answer now (False without one): the generation is over."""
+    check = _check
+    return check is not None and check()
