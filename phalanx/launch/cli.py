@@ -11,12 +11,14 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from phalanx import __version__
 from phalanx.config import ConfigError, register_schema, validate
+from phalanx.launch.slurm_env import resolve_launch
 
 log = logging.getLogger("phalanx")
 
@@ -34,6 +36,9 @@ commands:
           trainer.global_batch=1024 [parallel.tp=8 ...] [--top K] [--json]`
   calibrate  measure this machine for the planner (per-block compute, optimizer, collectives):
           `phalanx calibrate [key=value ...] [--out FILE] [--quick]`
+  slurm   an sbatch script for `phalanx run` on N nodes: `phalanx slurm --nodes N
+          --gpus-per-node G --time HH:MM:SS [--partition P] [--account A] [--submit]
+          [key=value ...]` (see `phalanx slurm --help`)
   export  a checkpoint as a Hugging Face Llama: `phalanx export RUN_DIR_OR_CHECKPOINT
           --format safetensors [--out DIR] [--max-shard-gb X] [--step N]`
 
@@ -52,11 +57,20 @@ def _error(msg: str) -> int:
     return EXIT_CONFIG
 
 
-def _launcher_overrides(argv: list[str]) -> tuple[list[str], int]:
-    """Split launcher flags from Hydra arguments; returns (hydra argv, store port)."""
+def _launcher_overrides(argv: list[str], *, env: Mapping[str, str] | None = None
+                        ) -> tuple[list[str], int]:
+    """Split launcher flags from Hydra arguments; returns (hydra argv, store port). With `env`
+    (the `phalanx run` path) the torchrun and Slurm environment fill in what the flags leave
+    out (slurm_env.py), and a launch of more than one node is refused until the node agent
+    exists."""
     p = argparse.ArgumentParser(prog="phalanx run", add_help=False, allow_abbrev=False)
     p.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc", type=int)
     p.add_argument("--nnodes", type=str)
+    p.add_argument("--node-rank", "--node_rank", dest="node_rank", type=int)
+    p.add_argument("--rdzv-endpoint", "--rdzv_endpoint", dest="rdzv_endpoint")
+    p.add_argument("--rdzv-id", "--rdzv_id", dest="rdzv_id")
+    p.add_argument("--master-addr", "--master_addr", dest="master_addr")
+    p.add_argument("--master-port", "--master_port", dest="master_port", type=int)
     p.add_argument("--run-dir", "--run_dir", dest="run_dir")
     p.add_argument("--standalone", action="store_true")
     flags, rest = p.parse_known_args(argv)
@@ -72,24 +86,25 @@ def _launcher_overrides(argv: list[str]) -> tuple[list[str], int]:
         else:  # the value of the flag before it, e.g. `--cfg job`
             hydra_flags.append(a)
     multirun = any(a in ("-m", "--multirun") for a in hydra_flags)
-    if flags.nproc is not None:
-        if flags.nproc < 1:
-            raise ConfigError(f"--nproc-per-node {flags.nproc} must be >= 1.")
-        overrides.append(f"cluster.devices_per_node={flags.nproc}")
-    if flags.nnodes is not None:
-        if ":" in flags.nnodes:
-            raise ConfigError(f"--nnodes {flags.nnodes}: elastic MIN:MAX node counts need "
-                              "multi-node support, which this build does not have yet; use --nnodes 1.")
-        if not flags.nnodes.isdigit():
-            raise ConfigError(f"--nnodes {flags.nnodes} is not a number of nodes.")
-        overrides.append(f"cluster.nodes={flags.nnodes}")
+    spec = resolve_launch(nnodes=flags.nnodes, node_rank=flags.node_rank,
+                          rdzv_endpoint=flags.rdzv_endpoint, rdzv_id=flags.rdzv_id,
+                          master_addr=flags.master_addr, master_port=flags.master_port,
+                          nproc_per_node=flags.nproc, standalone=flags.standalone, env=env)
+    if spec.nproc_per_node is not None:
+        if spec.nproc_per_node < 1:
+            raise ConfigError(f"--nproc-per-node {spec.nproc_per_node} must be >= 1.")
+        overrides.append(f"cluster.devices_per_node={spec.nproc_per_node}")
+    if env is not None or spec.min_nodes != spec.max_nodes:
+        spec.require_single_node()
+    if spec.max_nodes is not None:
+        overrides.append(f"cluster.nodes={spec.max_nodes}")
+    if env is not None and spec.slurm is not None:
+        _say(f"Slurm job {spec.slurm.job_id}: node {spec.node_rank} of {spec.slurm.nnodes} "
+             f"({', '.join(spec.slurm.nodes[:4])}{', ...' if spec.slurm.nnodes > 4 else ''})")
     if flags.run_dir:
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
         overrides.append(f"{key}={Path(flags.run_dir).expanduser().resolve()}")
-    port = 0
-    if not flags.standalone and os.environ.get("MASTER_PORT", "").isdigit():
-        port = int(os.environ["MASTER_PORT"])
-    return hydra_flags + overrides, port
+    return hydra_flags + overrides, spec.port
 
 
 def compose_recipe(overrides: list[str]) -> DictConfig:
@@ -185,7 +200,7 @@ def run_command(argv: list[str]) -> int:
     try:
         if "parallel=auto" in argv:
             argv = resolve_auto(argv)
-        hydra_argv, _LaunchArgs.port = _launcher_overrides(argv)
+        hydra_argv, _LaunchArgs.port = _launcher_overrides(argv, env=os.environ)
     except ConfigError as e:
         return _error(str(e))
     _LaunchArgs.exit_codes = []
@@ -223,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         from phalanx.launch.calibrate import main as calibrate_main
 
         return calibrate_main(rest)
+    if cmd == "slurm":
+        from phalanx.launch.slurm import main as slurm_main
+
+        return slurm_main(rest)
     if cmd == "export":
         from phalanx.checkpoint.export import main as export_main
 
