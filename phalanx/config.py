@@ -212,6 +212,33 @@ class CheckpointConfig:
 
 
 @dataclass
+class LowCommConfig:
+    # Low-communication training across slow links (phalanx/parallel/lowcomm). none: every
+    # step's gradients are all-reduced over data parallelism. diloco | streaming_diloco |
+    # noloco: replicas (parallel.dp_replicate) train alone with the inner optimizer (optim.*)
+    # and meet only at outer steps; the per-step all-reduce across replicas is off.
+    method: str = "none"
+    sync_every: int = 100  # H: inner steps per outer step (per fragment, for streaming)
+    outer_lr: float = 0.7  # DiLoCo's outer SGD lr; NoLoCo's beta
+    outer_momentum: float = 0.9  # DiLoCo's outer momentum; NoLoCo's alpha (its recipe: 0.5)
+    nesterov: bool = True  # DiLoCo / streaming: Nesterov (true) or heavy-ball momentum
+    # Streaming DiLoCo: P fragments (blocks dealt out strided), each synced once every
+    # sync_every steps, staggered; its all-reduce overlaps overlap_steps (tau) inner steps,
+    # then local = mixing * local + (1 - mixing) * global (alpha).
+    fragments: int = 1
+    overlap_steps: int = 0
+    mixing: float = 0.0
+    # Pseudo-gradients on the wire: none (fp32) | int8 | fp8 | fp4, per-block scales,
+    # fp32 accumulation (phalanx/kernels/quant.py).
+    quantize: str = "none"
+    quant_block: int = 128
+    # NoLoCo: each outer step averages within random groups of group_size replicas (drawn
+    # from trainer.seed and the outer step), pulled together by local_averaging (gamma).
+    group_size: int = 2
+    local_averaging: float = 0.7
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -223,6 +250,7 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lowcomm: LowCommConfig = field(default_factory=LowCommConfig)
 
     @property
     def world_size(self) -> int:
@@ -277,6 +305,49 @@ def _require(cond: bool, msg: str) -> None:
 
 def _positive(key: str, value: float) -> None:
     _require(value > 0, f"{key}={value} must be positive.")
+
+
+def _validate_lowcomm(run: RunConfig) -> None:
+    lc, p = run.lowcomm, run.parallel
+    methods = ("none", "diloco", "streaming_diloco", "noloco")
+    _require(lc.method in methods,
+             f"lowcomm.method={lc.method!r}: choose one of {', '.join(methods)}.")
+    if lc.method == "none":
+        return
+    _require(lc.sync_every >= 1, f"lowcomm.sync_every={lc.sync_every} must be >= 1.")
+    _positive("lowcomm.outer_lr", lc.outer_lr)
+    _require(0.0 <= lc.outer_momentum < 1.0,
+             f"lowcomm.outer_momentum={lc.outer_momentum} must be in [0, 1).")
+    _require(lc.quantize in ("none", "int8", "fp8", "fp4"),
+             f"lowcomm.quantize={lc.quantize!r}: choose none, int8, fp8 or fp4.")
+    _require(lc.quant_block >= 2 and lc.quant_block % 2 == 0,
+             f"lowcomm.quant_block={lc.quant_block}: use an even block size >= 2.")
+    _require(p.zero.stage == 0 and p.zero.backend == "torch",
+             f"lowcomm.method={lc.method} with parallel.zero.stage={p.zero.stage} "
+             f"(backend {p.zero.backend}): outer optimizers run on whole replicas, pipeline "
+             "stages and tensor-parallel shards, not on ZeRO shards yet; set "
+             "parallel.zero.stage=0.")
+    if lc.method == "streaming_diloco":
+        _require(1 <= lc.fragments <= run.model.num_hidden_layers,
+                 f"lowcomm.fragments={lc.fragments} must be in [1, model.num_hidden_layers="
+                 f"{run.model.num_hidden_layers}] (fragments are sets of whole blocks).")
+        _require(lc.sync_every % lc.fragments == 0,
+                 f"lowcomm.sync_every={lc.sync_every} is not a multiple of lowcomm.fragments="
+                 f"{lc.fragments}: fragments sync in turn every sync_every/fragments steps.")
+        every = lc.sync_every // lc.fragments
+        _require(0 <= lc.overlap_steps < every,
+                 f"lowcomm.overlap_steps={lc.overlap_steps} must be in [0, sync_every/fragments"
+                 f" = {every}): a fragment's sync must finish before the next one starts.")
+        _require(0.0 <= lc.mixing <= 1.0, f"lowcomm.mixing={lc.mixing} must be in [0, 1].")
+    if lc.method == "noloco":
+        assert p.dp_replicate is not None
+        _require(2 <= lc.group_size <= max(2, p.dp_replicate),
+                 f"lowcomm.group_size={lc.group_size} must be in [2, parallel.dp_replicate="
+                 f"{p.dp_replicate}]: each replica averages with group_size - 1 others.")
+        _require(p.dp_replicate >= 2, "lowcomm.method=noloco needs parallel.dp_replicate >= 2 "
+                 "(replicas to average with); use lowcomm.method=diloco for one replica.")
+        _require(0.0 <= lc.local_averaging <= 1.0,
+                 f"lowcomm.local_averaging={lc.local_averaging} must be in [0, 1].")
 
 
 def validate(cfg: DictConfig | RunConfig) -> RunConfig:
@@ -430,6 +501,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
+    _validate_lowcomm(run)
     _require(o.name == "adamw", f"optim.name={o.name!r}: only adamw is available.")
     _positive("optim.lr", o.lr)
     _require(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0.")

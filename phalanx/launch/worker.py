@@ -292,6 +292,10 @@ def main() -> int:
 
     digest = state_digest(trainer, step=step + 1) if hasattr(trainer, "optimizer") and \
         run.parallel.zero.backend == "torch" else None
+    if getattr(trainer, "lowcomm", None) is not None:
+        # Replicas share the outer state (global model, outer momentum), not their inner
+        # optimizers'; None where they differ by design (NoLoCo).
+        digest = trainer.lowcomm.digest()
     dist.barrier()
     cp.set(f"done/{rank}", {"last_step": step, "stopped": bool(res.stop) if res else False,
                             "digest": digest, "generation": generation})
@@ -381,6 +385,8 @@ def _train(run, trainer, cp, *, rank, start, state, manager, injector, report, r
             audit.write(json.dumps({"step": step, "generation": generation,
                                     "dp_rank": trainer.dp_rank, "ids": res.sample_ids}) + "\n")
             audit.flush()
+        lowcomm = getattr(trainer, "lowcomm", None)
+        lowcomm_rec = lowcomm.take_metrics() if lowcomm is not None else {}
         if rank == 0:
             rec = {"step": step, "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
                    "tokens": res.tokens, "step_time_s": res.step_time_s,
@@ -390,6 +396,7 @@ def _train(run, trainer, cp, *, rank, start, state, manager, injector, report, r
                 rec["val_loss"] = val
             if manager is not None and manager.snap is not None and manager.snap.blocking_s:
                 rec["checkpoint_blocking_s"] = manager.snap.blocking_s[-1]
+            rec.update(lowcomm_rec)  # bytes this worker sent to its replicas, time blocked
             cp.set(f"metrics/{step}", rec)
         if res.stop:
             break

@@ -175,6 +175,11 @@ class Controller:
             pipeline = export_timeline(self.dir.path, schedule=plan.schedule)
             if pipeline is not None:
                 summary["pipeline"] = pipeline
+        if self.run.lowcomm.method != "none":
+            from phalanx.parallel.lowcomm import summarize
+
+            committed = list({m["step"]: m for m in self.metrics}.values())
+            summary["lowcomm"] = {"method": self.run.lowcomm.method, **(summarize(committed) or {})}
         self.dir.event("run_end", status=status)
         self.dir.write_summary(summary)
         if wandb_run is not None:

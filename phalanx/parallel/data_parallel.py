@@ -68,9 +68,19 @@ class DataParallelTrainer(TrainerBase):
         # Gradients as views of DDP's buckets: one copy of the gradients, not two (16Ψ, not 20Ψ).
         sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in _DDP_ARGS
                 else {"broadcast_buffers": False})  # torch < 2.13 knows only the old name
-        self.ddp = DDP(model, device_ids=device_ids, process_group=group,
-                       gradient_as_bucket_view=True, init_sync=init_sync, **sync)
-        if run.precision.reduce == "bf16":
+        # lowcomm.method: replicas train alone between outer steps (no per-step all-reduce,
+        # so no DDP); the outer optimizer syncs them over a group of its own.
+        self.lowcomm = None
+        self.ddp = model if run.lowcomm.method != "none" else DDP(
+            model, device_ids=device_ids, process_group=group, gradient_as_bucket_view=True,
+            init_sync=init_sync, **sync)
+        if self.ddp is model:
+            from phalanx.parallel.lowcomm import build_outer, replica_link
+
+            self.lowcomm = build_outer(run.lowcomm, named_params=list(model.named_parameters()),
+                                       link=replica_link(layout, rank), seed=t.seed,
+                                       num_layers=run.model.num_hidden_layers)
+        elif run.precision.reduce == "bf16":
             self.ddp.register_comm_hook(group, default_hooks.bf16_compress_hook)
         else:
             self.ddp.register_comm_hook(group, _AbortableAllReduce(lambda: self.commit_gate).hook)
@@ -96,7 +106,8 @@ class DataParallelTrainer(TrainerBase):
             x, y = self.train_windows.batch(ids)
             x, y = x.to(self.device), y.to(self.device)
             # Reduce gradients once per step, on the last micro-batch's backward.
-            sync = contextlib.nullcontext() if i == len(mbs) - 1 else self.ddp.no_sync()
+            last = i == len(mbs) - 1 or self.lowcomm is not None
+            sync = contextlib.nullcontext() if last else self.ddp.no_sync()
             with sync:
                 loss_sum = self._loss_sum(self.ddp, x, y)
                 (loss_sum * scale).backward()
@@ -112,6 +123,8 @@ class DataParallelTrainer(TrainerBase):
         else:
             self.optimizer.step()
         self.scheduler.step()
+        if self.lowcomm is not None:  # every step, skipped or not: replicas keep one schedule
+            self.lowcomm.after_inner_step(step, final=stop or step + 1 == self.run.trainer.steps)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return StepResult(
