@@ -228,23 +228,34 @@ def test_bad_lowcomm_recipe_rejected_with_reason(overrides, message):
     assert message in str(e.value)
 
 
-@pytest.mark.e2e
-def test_phalanx_run_diloco_two_workers(tmp_path):
-    """`phalanx run lowcomm=diloco` with 2 replicas: the run finishes, each step's record
-    carries the link's figures, syncs happen every H steps and on the last, the summary
-    totals them, and the replicas end on the same global model."""
-    run_dir = tmp_path / "diloco"
-    proc = run_phalanx(["data=synthetic", "trainer=smoke", "lowcomm=diloco",
-                        "lowcomm.sync_every=4", "--nproc-per-node", "2", "--run-dir",
-                        str(run_dir)])
+SMOKE = ["data=synthetic", "trainer=smoke", "parallel.micro_batch_size=2"]
+
+
+def _run(tmp_path: Path, name: str, args: list[str], nproc: int) -> tuple[dict, list[dict]]:
+    run_dir = tmp_path / name
+    proc = run_phalanx([*SMOKE, *args, "--nproc-per-node", str(nproc), "--run-dir", str(run_dir)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "ok" and summary["steps"] == 10
+    return summary, read_jsonl(run_dir / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def diloco_dp2(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("e2e"), "diloco_dp2",
+                ["lowcomm=diloco", "lowcomm.sync_every=4"], 2)
+
+
+@pytest.mark.e2e
+def test_phalanx_run_diloco_two_workers(diloco_dp2):
+    """`phalanx run lowcomm=diloco` with 2 replicas: the run finishes, each step's record
+    carries the link's figures, syncs happen every H steps and on the last, the summary
+    totals them, and the replicas end on the same global model."""
+    summary, metrics = diloco_dp2
     assert summary["replicas_agree"] is True
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
     synced = [m["step"] for m in metrics if m["lowcomm_syncs"]]
     assert synced == [3, 7, 9]  # every 4th step, and the final partial round
-    run = validate(compose_recipe(["data=synthetic", "trainer=smoke"]))
+    run = validate(compose_recipe(SMOKE))
     numel = sum(p.numel() for p in LlamaForCausalLM(model_config(run)).parameters())
     # Two replicas: a ring all-reduce sends 2(M-1)/M = 1x the fp32 pseudo-gradient.
     assert {m["lowcomm_bytes"] for m in metrics if m["lowcomm_syncs"]} == {numel * 4}
@@ -253,3 +264,33 @@ def test_phalanx_run_diloco_two_workers(tmp_path):
     assert lc["bytes_sent_per_worker"] == 3 * numel * 4 == lc["payload_bytes_per_worker"]
     assert lc["peak_bytes_per_sync"] == numel * 4 and lc["blocked_s"] > 0
     assert summary["final_loss"] < summary["initial_loss"] - 1.0
+
+
+@pytest.mark.e2e
+def test_diloco_with_pp2_equals_diloco_without(diloco_dp2, tmp_path):
+    """Composition: 2 replicas of a 2-stage pipeline train exactly as 2 replicas of the whole
+    model (same samples, same inner steps, same outer steps); stage 0's link carries its
+    own layers' share of the bytes."""
+    summary, metrics = _run(tmp_path, "diloco_pp2", ["lowcomm=diloco", "lowcomm.sync_every=4",
+                                                      "parallel.pp=2"], 4)
+    assert summary["layout"]["pp"] == 2 and summary["replicas_agree"] is True
+    for a, b in zip(diloco_dp2[1], metrics, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert bool(a["lowcomm_syncs"]) == bool(b["lowcomm_syncs"])
+    assert 0 < summary["lowcomm"]["bytes_sent_per_worker"] < \
+        diloco_dp2[0]["lowcomm"]["bytes_sent_per_worker"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("method,args", [
+    ("streaming_diloco", ["lowcomm.sync_every=4", "lowcomm.fragments=2",
+                          "lowcomm.overlap_steps=1"]),
+    ("noloco", ["lowcomm.sync_every=3"]),
+])
+def test_phalanx_run_with_pp2(method, args, tmp_path):
+    summary, metrics = _run(tmp_path, method, [f"lowcomm={method}", *args, "parallel.pp=2"], 4)
+    assert summary["lowcomm"]["method"] == method and summary["lowcomm"]["syncs"] > 0
+    assert summary["final_loss"] < summary["initial_loss"] - 1.0
+    # Streaming keeps one global model (digests agree); NoLoCo's replicas differ by design.
+    assert summary["replicas_agree"] is (True if method == "streaming_diloco" else None)

@@ -172,8 +172,11 @@ class PipelineTrainer(TrainerBase):
                       activation=lambda _stage: (shape, torch.float32), loss_fn=tp_loss_sum,
                       device=device, autocast=self._autocast)
         gathers = {"UNSHARD": self._unshard, "RESHARD": self._reshard}
+        # lowcomm: no sum over replicas follows, so each replica's gradient is its own
+        # tokens' mean (dp x token sum / global tokens), as the data-parallel trainer's.
+        lowcomm_scale = self.dp_size if run.lowcomm.method != "none" else 1
         self.runtime = PipelineRuntime(actions=lowered[self.pp_rank],
-                                       loss_scale=1.0 / self.global_tokens,
+                                       loss_scale=lowcomm_scale / self.global_tokens,
                                        hooks={**gathers, "REDUCE_GRAD": self._reduce_stage},
                                        **common)
         self.eval_runtime = PipelineRuntime(
@@ -189,6 +192,16 @@ class PipelineTrainer(TrainerBase):
             self.schedule.stage_to_rank[r[-1]] == self.pp_rank for r in self.schedule.routes)
         self._eval_counts_loss = (self.tp_rank == 0
                                   and self.schedule.stage_to_rank[n_stages - 1] == self.pp_rank)
+        # lowcomm.method: replicas train alone between outer steps (no REDUCE_GRAD all-reduce);
+        # the outer optimizer syncs each stage with its replicas over groups of its own.
+        self.lowcomm = None
+        if run.lowcomm.method != "none":
+            from phalanx.parallel.lowcomm import build_outer, replica_link
+
+            named = [(n, q) for m in self.stages.values() for n, q in m.named_parameters()]
+            self.lowcomm = build_outer(run.lowcomm, named_params=named,
+                                       link=replica_link(layout, rank), seed=t.seed,
+                                       num_layers=cfg.num_hidden_layers)
 
     def _mirror_groups(self) -> list[tuple[dist.ProcessGroup, list[torch.Tensor]]]:
         """CheckFree+: one two-rank group per (owner, mirror holder) pair of every pipeline
@@ -247,7 +260,7 @@ class PipelineTrainer(TrainerBase):
         if stage in self.zero:
             self.zero[stage].reduce_grads()
             return
-        if self.dp_size == 1:
+        if self.dp_size == 1 or self.lowcomm is not None:
             return
         grads = [self._local(q.grad) for q in self.stages[stage].parameters() if q.grad is not None]
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -305,6 +318,8 @@ class PipelineTrainer(TrainerBase):
         for z in self.zero.values():
             z.end_step()
         self.scheduler.step()
+        if self.lowcomm is not None:  # every step, skipped or not: replicas keep one schedule
+            self.lowcomm.after_inner_step(step, final=stop or step + 1 == self.run.trainer.steps)
         self.last_result = StepResult(
             step=step, loss=loss, grad_norm=float(norm), lr=lr, tokens=self.global_tokens,
             step_time_s=time.perf_counter() - t0, skipped=skipped, stop=stop,
