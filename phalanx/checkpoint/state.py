@@ -11,6 +11,9 @@ the same checkpoint loads onto any dp / pp / tp / ZeRO layout:
     model/mirror.<param>, optim/mirror.<param>/...
                                         CheckFree+ mirrors of the embedding / head held by
                                         stage 1 / S-2 (equal to the owner's tensors)
+    lowcomm/<kind>/<param>              the outer optimizer's state (lowcomm.method):
+                                        global/ and momentum/ (DiLoCo, Streaming DiLoCo),
+                                        phi/ and delta/ (NoLoCo)
 
 The values are live tensors (views, no copies): plain tensors where this rank
 holds the whole parameter (DDP, pipeline stages, ZeRO-1/2 parameters), DTensors
@@ -100,6 +103,9 @@ def trainer_state(trainer: Any, *, step: int, with_rng: bool = True) -> dict[str
                 for (name, p), _shape in zip(g.named, g.shapes, strict=True):
                     out[f"model/{name}"] = p.data
     out["optim/step"] = step_src if step_src is not None else torch.tensor(0.0)
+    lowcomm = getattr(trainer, "lowcomm", None)
+    if lowcomm is not None:
+        out.update({f"lowcomm/{k}": v for k, v in lowcomm.state_tensors().items()})
     out[STEP_KEY] = torch.tensor(step, dtype=torch.int64)
     if with_rng:
         out[f"rng/rank{trainer.rank}"] = torch.get_rng_state()

@@ -52,6 +52,7 @@ class OuterOptimizer:
     def __init__(self, named: list[tuple[str, torch.Tensor]], *, link: Link) -> None:
         self.names = [n for n, _ in named]
         self.params = [local_view(p) for _, p in named]
+        self._orig = [p for _, p in named]
         self.link = link
 
     def after_inner_step(self, step: int, *, final: bool = False) -> None:
@@ -61,8 +62,21 @@ class OuterOptimizer:
         return self.link.take_step()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The outer state (names -> tensors) that replicas hold in common."""
+        """The outer state as live tensors under parameter names (`<kind>/<param>`), each
+        shaped and placed like its parameter (a DTensor under tensor parallelism). The
+        trainer's state (phalanx/checkpoint/state.py) carries them as lowcomm/..., so
+        checkpoints, a survivor's carried state and a replica's transfer to a newcomer
+        include the global model and the outer momentum."""
         raise NotImplementedError
+
+    def _like_params(self, kind: str, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p, t in zip(self.names, self._orig, tensors, strict=True):
+            if isinstance(p, DTensor):
+                t = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False,
+                                       shape=p.shape, stride=p.stride())
+            out[f"{kind}/{name}"] = t
+        return out
 
     def digest(self) -> str | None:
         """SHA-256 of the outer state; equal on every replica of a shard when the method
@@ -70,6 +84,7 @@ class OuterOptimizer:
         design (NoLoCo)."""
         h = hashlib.sha256()
         for name, t in sorted(self.state_tensors().items()):
+            t = t.to_local() if isinstance(t, DTensor) else t
             h.update(name.encode())
             h.update(t.detach().contiguous().cpu().numpy().tobytes())
         # The model itself: after the final sync every replica's parameters are the global ones.
@@ -78,10 +93,22 @@ class OuterOptimizer:
             h.update(p.detach().contiguous().cpu().numpy().tobytes())
         return h.hexdigest()
 
-    def _momentum(self, opt: torch.optim.Optimizer, tensors: list[torch.Tensor],
-                  prefix: str) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, g in zip(self.names, tensors, strict=True):
-            buf = opt.state.get(g, {}).get("momentum_buffer")
-            out[f"{prefix}/{name}"] = buf if buf is not None else torch.zeros_like(g)
+    @staticmethod
+    def _outer_sgd(tensors: list[torch.Tensor], *, lr: float, momentum: float,
+                   nesterov: bool) -> torch.optim.SGD:
+        """torch's SGD over the global copies, its momentum buffers made up front (zeros: the
+        first step then gives exactly the buffer SGD would clone from the gradient), so that
+        the state has tensors to carry or load before the first outer step."""
+        opt = torch.optim.SGD(tensors, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+        if momentum > 0:
+            for g in tensors:
+                opt.state[g]["momentum_buffer"] = torch.zeros_like(g)
+        return opt
+
+    def _global_state(self, global_params: list[torch.Tensor],
+                      opt: torch.optim.SGD) -> dict[str, torch.Tensor]:
+        out = self._like_params("global", global_params)
+        bufs = [opt.state[g].get("momentum_buffer") for g in global_params]
+        if all(b is not None for b in bufs):
+            out.update(self._like_params("momentum", bufs))
         return out

@@ -31,8 +31,8 @@ class DiLoCo(OuterOptimizer):
         self.sync_every = sync_every
         self.fmt, self.block = quantize, quant_block
         self.global_params = [p.detach().clone().float() for p in self.params]
-        self.outer = torch.optim.SGD(self.global_params, lr=outer_lr, momentum=outer_momentum,
-                                     nesterov=nesterov and outer_momentum > 0)
+        self.outer = self._outer_sgd(self.global_params, lr=outer_lr, momentum=outer_momentum,
+                                     nesterov=nesterov)
 
     @torch.no_grad()
     def after_inner_step(self, step: int, *, final: bool = False) -> None:
@@ -51,6 +51,4 @@ class DiLoCo(OuterOptimizer):
             p.copy_(g)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"global/{n}": g for n, g in zip(self.names, self.global_params, strict=True)}
-        out.update(self._momentum(self.outer, self.global_params, "momentum"))
-        return out
+        return self._global_state(self.global_params, self.outer)

@@ -73,13 +73,14 @@ class NoLoCo(OuterOptimizer):
         u = (self.gamma - self.beta) * self.phi + self.beta * theta
         mean_u = self.link.group_mean(u, self.last_group, fmt=self.fmt, block=self.block)
         new_phi = (1.0 - self.gamma) * self.phi + self.alpha * self.delta + mean_u
-        self.delta = new_phi - self.phi
-        self.phi = new_phi
+        self.delta.copy_(new_phi - self.phi)  # in place: the state hands out views
+        self.phi.copy_(new_phi)
         for p, v in zip(self.params, unflat(self.phi, self.params), strict=True):
             p.copy_(v)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"phi": self.phi, "delta": self.delta}
+        return {**self._like_params("phi", unflat(self.phi, self.params)),
+                **self._like_params("delta", unflat(self.delta, self.params))}
 
     def digest(self) -> str | None:
         return None

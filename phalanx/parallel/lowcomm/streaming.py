@@ -69,8 +69,8 @@ class StreamingDiLoCo(OuterOptimizer):
         frag = [fragment_of(n, num_layers=num_layers, fragments=fragments) for n in self.names]
         self.members = [[i for i, f in enumerate(frag) if f == k] for k in range(fragments)]
         self.global_params = [p.detach().clone().float() for p in self.params]
-        self.outer = torch.optim.SGD(self.global_params, lr=outer_lr, momentum=outer_momentum,
-                                     nesterov=nesterov and outer_momentum > 0)
+        self.outer = self._outer_sgd(self.global_params, lr=outer_lr, momentum=outer_momentum,
+                                     nesterov=nesterov)
         self.pending: tuple[int, Pending | None] | None = None  # (fragment, exchange in flight)
         self.last_sync = [-1] * fragments  # the step count n at each fragment's last sync
 
@@ -83,6 +83,10 @@ class StreamingDiLoCo(OuterOptimizer):
         n = step + 1
         if (n + self.overlap) % self.every == 0:
             self._start(self._fragment_for(n + self.overlap))
+        if n % self.every == 0 and self.pending is None:
+            # The exchange started before a recovery rebuilt this optimizer was abandoned
+            # with the old groups: redo it now, without overlap.
+            self._start(self._fragment_for(n))
         if n % self.every == 0 or (final and self.pending is not None):
             self._complete(n, mixing=0.0 if final else self.mixing)
         if final:
@@ -122,6 +126,4 @@ class StreamingDiLoCo(OuterOptimizer):
                 p.copy_(g)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"global/{n}": g for n, g in zip(self.names, self.global_params, strict=True)}
-        out.update(self._momentum(self.outer, self.global_params, "momentum"))
-        return out
+        return self._global_state(self.global_params, self.outer)
