@@ -147,6 +147,28 @@ class ClusterConfig:
     inter: LinkConfig = field(default_factory=LinkConfig)
 
 
+# Fault injection (FaultConfig.inject, .random): what happens, and where in the step.
+INJECT_KINDS = ("kill", "stop", "exit", "slow", "hang", "corrupt_checkpoint")
+INJECT_POINTS = ("step", "allreduce", "recv", "optimizer", "recovery")
+# The kinds that take a worker down (what fault.random draws from, what max_failures counts).
+FAILURE_KINDS = ("kill", "stop", "exit", "hang")
+
+
+@dataclass
+class RandomFaultConfig:
+    # Random failures for soak tests: mtbf_steps > 0 draws failure steps from a Poisson
+    # process over training steps (exponential gaps with this mean, rounded up to whole
+    # steps), each on a uniformly drawn rank with a kind drawn from `kinds` at a point drawn
+    # from `at` (both as in fault.inject). Deterministic given `seed`; never more than
+    # fault.max_failures minus the failures fault.inject already declares. The controller
+    # draws the schedule at start-up (event `fault_schedule`) and adds it to fault.inject;
+    # each one that fires is a `fault_injected` event with random=true. 0: off.
+    mtbf_steps: float = 0.0
+    kinds: list[str] = field(default_factory=lambda: ["kill"])
+    at: list[str] = field(default_factory=lambda: ["step"])
+    seed: int = 0
+
+
 @dataclass
 class FaultConfig:
     heartbeat_s: float = 1.0
@@ -170,10 +192,36 @@ class FaultConfig:
     max_failures: int = 3
     # Fault injection: [{rank: 1, step: 20, kind: kill}, ...]; kind in kill (SIGKILL),
     # stop (SIGSTOP: frozen), exit (exit code 1), slow (sleep slow_s each step from then on),
-    # hang (alive and beating, but stuck for ever: a deadlock).
-    # An injection fires once, in the worker that was started first for that rank.
+    # hang (alive and beating, but stuck for ever: a deadlock), corrupt_checkpoint (flip
+    # bytes in a shard file of the newest complete disk checkpoint, once this rank's pending
+    # writes are durable; training goes on -- a later recovery must skip that checkpoint).
+    # Optional `at`, where in step S (or later) the fault fires: step (default: before the
+    # step), allreduce (a data-parallel gradient reduction -- DDP's bucket all-reduce, ZeRO's
+    # all-reduce / reduce-scatter -- has just been issued: peers are inside it), recv (a
+    # pipeline receive is pending), optimizer (after the commit, once this rank's optimizer
+    # has updated its parameters or ZeRO shard, before ZeRO's all-gather), recovery (while
+    # this rank enters a recovery generation -- groups rebuilt, state being transferred --
+    # the first one at or after step S: a failure during recovery). slow and
+    # corrupt_checkpoint fire at `step` only. Optional `delay_s` (default 0): fire that many
+    # seconds later from a timer thread while the rank goes on.
+    # An injection fires once per run: a replacement worker skips the ones its
+    # predecessors fired (store key fault/fired/...) and fires the rest of its rank's.
     inject: list[Any] = field(default_factory=list)
     slow_s: float = 1.0
+    # Random failures drawn from a seeded exponential distribution (see RandomFaultConfig).
+    random: RandomFaultConfig = field(default_factory=RandomFaultConfig)
+    # Stragglers. Each rank sends its busy time per step (the step's wall time minus the time
+    # it spent blocked on peers: collectives, pipeline transfers, the commit) with its vote;
+    # with synchronous collectives the wall time alone is the slowest rank's on every rank.
+    # A rank whose busy time exceeds straggler_factor x the median of its peers' (the other
+    # ranks holding the same pipeline stage; all other ranks in a pure pipeline) for
+    # straggler_steps consecutive steps is a straggler: event `straggler` (rank, ratio).
+    # straggler_policy: report (the event only), evict (also fence and replace it like a
+    # failed worker; counts against max_failures, and costs a rollback where no replica
+    # lives), off.
+    straggler_policy: str = "report"
+    straggler_factor: float = 2.0
+    straggler_steps: int = 5
     # No committed step for this long while every worker still sends heartbeats is a hang:
     # every worker's Python stacks are collected (faulthandler, SIGUSR1) and the rank that
     # is not where the others wait is named, fenced and replaced.
@@ -558,14 +606,41 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _require(f.spares >= 0, f"fault.spares={f.spares} must be >= 0.")
     _require(f.grow_after_steps >= 0, f"fault.grow_after_steps={f.grow_after_steps} must be >= 0.")
     for i, inj in enumerate(f.inject):
-        _require(isinstance(inj, dict) and {"rank", "step", "kind"} <= set(inj),
-                 f"fault.inject[{i}]={inj!r}: each injection is {{rank: R, step: S, kind: K}}.")
-        _require(inj["kind"] in ("kill", "stop", "exit", "slow", "hang"),
-                 f"fault.inject[{i}].kind={inj['kind']!r}: choose kill, stop, exit, slow or "
-                 "hang.")
+        _require(isinstance(inj, dict) and {"rank", "step", "kind"} <= set(inj)
+                 and set(inj) <= {"rank", "step", "kind", "at", "delay_s", "random"},
+                 f"fault.inject[{i}]={inj!r}: each injection is {{rank: R, step: S, kind: K}} "
+                 "with optional at: POINT and delay_s: SECONDS.")
+        _require(inj["kind"] in INJECT_KINDS,
+                 f"fault.inject[{i}].kind={inj['kind']!r}: choose {', '.join(INJECT_KINDS)}.")
+        at = inj.get("at", "step")
+        _require(at in INJECT_POINTS,
+                 f"fault.inject[{i}].at={at!r}: choose {', '.join(INJECT_POINTS)}.")
+        _require(at == "step" or inj["kind"] in FAILURE_KINDS,
+                 f"fault.inject[{i}]: kind {inj['kind']} fires before a step only; drop "
+                 f"at={at} (or use kind kill, stop, exit or hang there).")
+        _require(float(inj.get("delay_s", 0)) >= 0,
+                 f"fault.inject[{i}].delay_s={inj.get('delay_s')} must be >= 0.")
+        _require(not float(inj.get("delay_s", 0)) or inj["kind"] in ("kill", "stop", "exit"),
+                 f"fault.inject[{i}]: delay_s applies to kill, stop and exit (a signal from a "
+                 f"timer thread), not to {inj['kind']}.")
         _require(0 <= int(inj["rank"]) < run.world_size,
                  f"fault.inject[{i}].rank={inj['rank']} is not a rank of this "
                  f"{run.world_size}-worker run.")
+        _require(int(inj["step"]) >= 0, f"fault.inject[{i}].step={inj['step']} must be >= 0.")
+    rf = f.random
+    _require(rf.mtbf_steps >= 0, f"fault.random.mtbf_steps={rf.mtbf_steps} must be >= 0 "
+             "(0: no random failures).")
+    if rf.mtbf_steps:
+        _require(bool(rf.kinds) and all(k in FAILURE_KINDS for k in rf.kinds),
+                 f"fault.random.kinds={list(rf.kinds)}: choose from {', '.join(FAILURE_KINDS)}.")
+        _require(bool(rf.at) and all(a in INJECT_POINTS for a in rf.at),
+                 f"fault.random.at={list(rf.at)}: choose from {', '.join(INJECT_POINTS)}.")
+    _require(f.straggler_policy in ("off", "report", "evict"),
+             f"fault.straggler_policy={f.straggler_policy!r}: choose off, report or evict.")
+    _require(f.straggler_factor > 1.0,
+             f"fault.straggler_factor={f.straggler_factor} must exceed 1 (busy time relative "
+             "to the median of the rank's peers).")
+    _require(f.straggler_steps >= 1, f"fault.straggler_steps={f.straggler_steps} must be >= 1.")
     _require(f.heartbeat_timeout_s > 2 * f.heartbeat_s,
              f"fault.heartbeat_timeout_s={f.heartbeat_timeout_s} must exceed twice "
              f"fault.heartbeat_s={f.heartbeat_s}, or a healthy worker is declared dead.")

@@ -105,23 +105,59 @@ def _checkpoint_manager(run, trainer, report, *, rank: int, world: int, token: s
 
 
 class _Injector:
-    """fault.inject for this rank: each injection fires once, in the first worker started for
-    the rank (a replacement does not re-enact its predecessor's failure)."""
+    """fault.inject for this rank (config.py documents kinds and points). Each injection fires
+    once per run: it marks the run-global store key fault/fired/{key} before it acts, and a
+    replacement worker skips the marked ones (it does not re-enact its predecessor's failure)
+    but fires the rest of its rank's. Points other than `step` fire from hooks: `waits`
+    (gradient reductions, pipeline receives), the optimizer's post-step hook, and `main`
+    around entering a recovery generation."""
 
-    def __init__(self, run, rank: int, *, replacement: bool) -> None:
-        self.pending = [] if replacement else sorted(
-            (int(i["step"]), i["kind"]) for i in run.fault.inject if int(i["rank"]) == rank)
+    def __init__(self, run, rank: int, *, replacement: bool, run_cp, report,
+                 root: Path) -> None:
+        from phalanx.parallel import waits
+
+        self.run_cp, self.report, self.root, self.rank = run_cp, report, root, rank
+        self.pending: list[dict] = []
+        seen: dict[str, int] = {}
+        for inj in run.fault.inject:
+            if int(inj["rank"]) != rank:
+                continue
+            at = inj.get("at", "step")
+            base = f"{rank}-{int(inj['step'])}-{inj['kind']}-{at}"
+            seen[base] = seen.get(base, 0) + 1
+            key = f"{base}-{seen[base] - 1}"
+            if replacement and run_cp.get(f"fault/fired/{key}") is not None:
+                continue
+            self.pending.append({"step": int(inj["step"]), "kind": inj["kind"], "at": at,
+                                 "delay_s": float(inj.get("delay_s", 0)), "key": key,
+                                 "random": bool(inj.get("random", False))})
+        self.pending.sort(key=lambda i: i["step"])  # stable: declared order within a step
         self.slow_s = run.fault.slow_s
         self.slow = False
+        self.step = -1
+        if any(i["at"] in ("allreduce", "recv") for i in self.pending):
+            waits.set_fault_hook(self.point)
 
-    def before_step(self, step: int, report) -> None:
-        import signal
-        import time as _t
+    # -- firing ----------------------------------------------------------------------------
+    def _fire(self, inj: dict, step: int, **extra):
+        """Mark, report, and return the action (None for slow / corrupt_checkpoint)."""
+        self.pending.remove(inj)
+        try:
+            self.run_cp.set(f"fault/fired/{inj['key']}", {"pid": os.getpid(), "step": step})
+        except Exception:  # noqa: BLE001 - the fault still fires; only a replacement may repeat it
+            log.warning("could not mark injection %s as fired", inj["key"])
+        kind = inj["kind"]
+        self.report({"event": "fault_injected", "kind": kind, "step": step, "at": time.time(),
+                     "where": inj["at"], "random": inj["random"], **extra})
+        log.warning("fault injection: %s at step %d (%s)", kind, step, inj["at"])
+        if kind == "slow":
+            self.slow = True
+            return None
+        if kind == "corrupt_checkpoint":
+            return None
+        delay = inj["delay_s"]
 
-        while self.pending and self.pending[0][0] <= step:
-            at, kind = self.pending.pop(0)
-            report({"event": "fault_injected", "kind": kind, "step": step, "at": _t.time()})
-            log.warning("fault injection: %s at step %d", kind, step)
+        def act() -> None:
             logging.shutdown()
             if kind == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -129,13 +165,79 @@ class _Injector:
                 os.kill(os.getpid(), signal.SIGSTOP)
             elif kind == "exit":
                 os._exit(1)
-            elif kind == "slow":
-                self.slow = True
             elif kind == "hang":
                 while True:  # the heartbeat thread keeps beating: only progress stops
-                    _t.sleep(3600)
+                    time.sleep(3600)
+
+        if delay <= 0:
+            return act
+        timer = threading.Timer(delay, act)
+        timer.daemon = True
+        return timer.start
+
+    def _due(self, at: str, step: int) -> dict | None:
+        return next((i for i in self.pending if i["at"] == at and i["step"] <= step), None)
+
+    def point(self, op: str):
+        """`waits`' fault hook: the fault's action if an injection at `op` is due, else None."""
+        inj = self._due(op, self.step) if self.step >= 0 else None
+        return self._fire(inj, self.step) if inj is not None else None
+
+    def before_step(self, step: int, report=None, manager=None) -> None:
+        self.step = step
+        while (inj := self._due("step", step)) is not None:
+            extra = self._corrupt(manager) if inj["kind"] == "corrupt_checkpoint" else {}
+            act = self._fire(inj, step, **extra)
+            if act is not None:
+                act()
         if self.slow:
-            _t.sleep(self.slow_s)
+            time.sleep(self.slow_s)
+
+    def attach(self, trainer) -> None:
+        """A new generation's trainer: the `optimizer` point hooks its optimizer's step."""
+        if any(i["at"] == "optimizer" for i in self.pending):
+            def after_optimizer_step(*_a, **_k) -> None:
+                act = self.point("optimizer")
+                if act is not None:
+                    act()
+
+            trainer.optimizer.register_step_post_hook(after_optimizer_step)
+
+    def entering_recovery(self, rec: dict, seen_step: int):
+        """The action of an injection at `recovery` due in this generation, else None: one
+        whose step the run had reached (this worker's last step, or the recovery's)."""
+        if rec.get("kind", "fresh") in ("fresh", "resume"):
+            return None
+        step = max(int(rec.get("step", 0)), seen_step)
+        inj = self._due("recovery", step)
+        return self._fire(inj, step, generation_kind=rec.get("kind")) if inj else None
+
+    def _corrupt(self, manager) -> dict:
+        """Flip bytes in the newest complete checkpoint's shard file (this rank's when it wrote
+        one), after this rank's pending writes are durable (so that it is the newest)."""
+        from phalanx.checkpoint.store import MANIFEST, list_checkpoints
+
+        if manager is not None:
+            deadline = time.monotonic() + 120
+            while manager.in_use and time.monotonic() < deadline:
+                manager.poll(block_s=0.5)
+        path = next((p for p in list_checkpoints(self.root) if (p / MANIFEST).is_file()), None)
+        if path is None:
+            log.warning("corrupt_checkpoint: no complete checkpoint under %s", self.root)
+            return {"path": None}
+        shards = sorted(path.glob("*.distcp"))
+        mine = [f for f in shards if f.name.startswith(f"__{self.rank}_")]
+        target = (mine or shards)[0]
+        size = target.stat().st_size
+        with open(target, "r+b") as f:
+            f.seek(size // 2)
+            block = f.read(64)
+            f.seek(size // 2)
+            f.write(bytes(b ^ 0xFF for b in block))
+            f.flush()
+            os.fsync(f.fileno())
+        return {"path": str(path), "file": target.name,
+                "checkpoint_step": int(path.name.split("_")[-1])}
 
 
 def _wait_as_spare(spare: str, host: str, port: int, token: str) -> dict:
@@ -227,7 +329,11 @@ def main() -> int:
     else:
         device = torch.device("cpu")
     tokens = open_tokens(corpus_from_dict(plan.corpus))
-    injector = _Injector(run, rank, replacement=replacement)
+    from phalanx.checkpoint.reshard import default_root
+    from phalanx.parallel import waits
+
+    injector = _Injector(run, rank, replacement=replacement, run_cp=run_cp, report=report,
+                         root=default_root(run, run_dir))
     old_trainer, step, res = None, 0, None
     while True:
         # One generation: its groups, its trainer (rebuilt), its recovery, its steps. When the
@@ -248,21 +354,44 @@ def main() -> int:
                                 store=dist.PrefixStore(f"g{generation}/pg", store), rank=rank,
                                 world_size=plan.world_size,
                                 timeout=timedelta(seconds=run.fault.collective_timeout_s))
-        trainer, start, manager = _enter_generation(
-            run, plan, cp, rank=rank, device=device, tokens=tokens, old=old_trainer,
-            token=token, run_dir=run_dir, generation=generation, host=host, port=port,
-            report=report)
-        old_trainer = None
-        trainer.commit_gate = CommitGate(cp, run_cp, rank=rank)
-        cp.set(f"ready/{rank}", {"pid": os.getpid(), "start": start})
+        waits.take_aborted()  # what the last generation's waits ended in is reported already
+        trainer = manager = None
+        # fault.inject at: recovery -- this rank fails while entering a recovery generation.
+        act = injector.entering_recovery(rec, state["step"] + 1)
+        if act is not None:
+            act()
         try:
-            step, res = _train(run, trainer, cp, rank=rank, start=start, state=state,
-                               manager=manager, injector=injector, report=report,
-                               run_dir=run_dir, generation=generation)
-            break
+            trainer, start, manager = _enter_generation(
+                run, plan, cp, rank=rank, device=device, tokens=tokens, old=old_trainer,
+                token=token, run_dir=run_dir, generation=generation, host=host, port=port,
+                report=report)
         except (GenerationChanged, RuntimeError) as e:
-            # A peer died (gloo: connection reset) or the controller moved on.
-            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            # A peer failed during the recovery (a transfer or a collective of the trainer's
+            # construction lost its partner) or the controller moved on. What this worker
+            # carried into the generation is untouched (the rebuilt trainer only read it):
+            # it carries it into the next one; the controller knows which ranks' state this
+            # recovery had not yet delivered. A checkpoint that cannot be loaded is not a
+            # peer's failure: this worker fails (as before), and the controller sees it.
+            from phalanx.checkpoint.store import CheckpointError
+
+            if isinstance(e, CheckpointError):
+                raise
+            during, why = "recovery", (str(e).splitlines() or [type(e).__name__])[0][:200]
+            log.warning("recovery into generation %d failed", generation, exc_info=True)
+        else:
+            during = "training"
+            old_trainer = None
+            injector.attach(trainer)
+            trainer.commit_gate = CommitGate(cp, run_cp, rank=rank)
+            cp.set(f"ready/{rank}", {"pid": os.getpid(), "start": start})
+            try:
+                step, res = _train(run, trainer, cp, rank=rank, start=start, state=state,
+                                   manager=manager, injector=injector, report=report,
+                                   run_dir=run_dir, generation=generation)
+                break
+            except (GenerationChanged, RuntimeError) as e:
+                # A peer died (gloo: connection reset) or the controller moved on.
+                why = (str(e).splitlines() or [type(e).__name__])[0][:200]
         # Outside the except block: its traceback's frames refer to the trainer, and the
         # trainer to the old groups. Keep the tensors, drop everything else, and drop the
         # groups now: their connections close, which releases peers blocked on a receive
@@ -271,13 +400,18 @@ def main() -> int:
 
         if manager is not None:
             manager.abandon()
-        carried = survivor_state(trainer, step=state["step"] + 1)
+        if during == "training":
+            carried = survivor_state(trainer, step=state["step"] + 1)
+        else:
+            carried = old_trainer
         trainer = manager = None
         _abandon_groups()
         gc.collect()
-        log.warning("generation %d ended at step %d: %s", generation, state["step"] + 1, why)
+        log.warning("generation %d ended at step %d (%s): %s", generation, state["step"] + 1,
+                    during, why)
         report({"event": "generation_left", "generation": generation,
-                "step": state["step"] + 1, "error": why})
+                "step": state["step"] + 1, "error": why, "during": during,
+                "aborted_in": waits.take_aborted()})
         deadline = time.monotonic() + run.fault.startup_timeout_s
         while current_generation(run_cp) <= generation:
             if time.monotonic() > deadline:
@@ -373,9 +507,16 @@ def _train(run, trainer, cp, *, rank, start, state, manager, injector, report, r
     if t.audit_samples:
         (run_dir / "audit").mkdir(parents=True, exist_ok=True)
         audit = open(run_dir / "audit" / f"rank{rank}.jsonl", "a")
+    from phalanx.parallel import waits
+
+    gate = trainer.commit_gate
     step, res = start, None
     for step in range(start, t.steps):
-        injector.before_step(step, report)
+        # Busy time (straggler detection): this iteration's wall time minus the time blocked
+        # on peers (waits: collectives, transfers; the commit gate). It goes to the controller
+        # with the next step's vote.
+        t_it, w_it, g_it = time.perf_counter(), waits.waited_s(), gate.wait_s if gate else 0.0
+        injector.before_step(step, report, manager)
         res = trainer.train_step(step, stop_requested=cp.has("stop"))
         state["step"] = step
         if manager is not None:
@@ -398,6 +539,9 @@ def _train(run, trainer, cp, *, rank, start, state, manager, injector, report, r
                 rec["checkpoint_blocking_s"] = manager.snap.blocking_s[-1]
             rec.update(lowcomm_rec)  # bytes this worker sent to its replicas, time blocked
             cp.set(f"metrics/{step}", rec)
+        if gate is not None:
+            busy = (time.perf_counter() - t_it) - (waits.waited_s() - w_it) - (gate.wait_s - g_it)
+            gate.busy = {"step": step, "s": round(max(busy, 0.0), 6)}
         if res.stop:
             break
     if manager is not None:

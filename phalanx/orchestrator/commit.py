@@ -15,6 +15,7 @@ step pays two store round trips, not a polling period.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from datetime import timedelta
@@ -47,10 +48,16 @@ class CommitGate:
                  slice_s: float = 0.2) -> None:
         self.cp, self.run_cp, self.rank, self.slice_s = cp, run_cp, rank, slice_s
         self.wait_s = 0.0
+        # {"step": k, "s": seconds}: this rank's busy time in step k (its wall time minus the
+        # time blocked on peers), sent with the next vote for straggler detection.
+        self.busy: dict[str, float] | None = None
 
     def __call__(self, step: int, *, finite: bool) -> None:
         t0 = time.perf_counter()
-        self.cp.set(f"vote/{step}/{self.rank}", {"finite": finite})
+        vote: dict[str, Any] = {"finite": finite}
+        if self.busy is not None:
+            vote["busy"] = self.busy
+        self.cp.set(f"vote/{step}/{self.rank}", vote)
         key = self.cp._full(f"commit/{step}")
         store = self.cp.store
         while True:
@@ -79,6 +86,8 @@ class Committer(threading.Thread):
         self.first_step = first_step
         self.committed: int = first_step - 1  # last committed step
         self.nonfinite: list[int] = []
+        # (step, {rank: busy seconds}) for steps every member reported (votes carry them).
+        self.busy: collections.deque[tuple[int, dict[int, float]]] = collections.deque()
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -94,6 +103,10 @@ class Committer(threading.Thread):
                 continue
             if not all(v["finite"] for v in votes):
                 self.nonfinite.append(self.step)
+            busy = [v.get("busy") for v in votes]
+            if all(isinstance(b, dict) for b in busy) and len({b["step"] for b in busy}) == 1:
+                self.busy.append((int(busy[0]["step"]),
+                                  {r: float(b["s"]) for r, b in zip(self.ranks, busy, strict=True)}))
             self.cp.set(f"commit/{self.step}", {"t": time.time()})
             for r in self.ranks:
                 self.cp.delete(f"vote/{self.step}/{r}")

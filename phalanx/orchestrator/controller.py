@@ -29,6 +29,7 @@ from phalanx.orchestrator.commit import RUN, Committer
 from phalanx.orchestrator.console import Console
 from phalanx.orchestrator.control_plane import TOKEN_ENV, ControlPlane
 from phalanx.orchestrator.corpus import corpus_to_dict, prepare_corpus
+from phalanx.orchestrator.faults import StragglerWatch, with_random_faults
 from phalanx.orchestrator.membership import choose_recovery, publish_generation
 from phalanx.orchestrator.plan import Plan, plan_single_node
 from phalanx.orchestrator.run_dir import RunDir
@@ -92,6 +93,8 @@ class Outcome:
 class Controller:
     def __init__(self, run: RunConfig, *, run_dir: Path, resolved_yaml: str,
                  port: int = 0) -> None:
+        # fault.random: the failure schedule is drawn once, here, and becomes fault.inject.
+        run, self.random_faults = with_random_faults(run)
         self.run = run
         self.dir = RunDir(run_dir)
         self.resolved_yaml = resolved_yaml
@@ -116,6 +119,13 @@ class Controller:
         self.full_run = run
         self._spare_seq = 0
         self.replicas_agree: bool | None = None
+        # The current generation's recovery record and start (wall clock): until it commits
+        # its first step, the ranks it was delivering state to hold none yet.
+        self._gen_recovery: dict[str, Any] = {"kind": "fresh", "step": 0}
+        self._gen_wall = time.time()
+        self.stragglers: list[dict[str, Any]] = []
+        self._left: set[tuple[int, int]] = set()  # (rank, generation) from generation_left
+        self._straggler_watch: tuple[Any, StragglerWatch] | None = None
 
     # -- signals: the first Ctrl-C/SIGTERM asks for a stop at a step boundary, the second forces.
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -130,6 +140,10 @@ class Controller:
         t_start = time.monotonic()
         self.dir.write_config(self.resolved_yaml)
         self.dir.event("run_start", pid=os.getpid())
+        if self.random_faults:
+            self.dir.event("fault_schedule", inject=self.random_faults,
+                           mtbf_steps=self.run.fault.random.mtbf_steps,
+                           seed=self.run.fault.random.seed)
         corpus = corpus_to_dict(prepare_corpus(self.run))
         backend = "nccl" if torch.cuda.is_available() and \
             torch.cuda.device_count() >= self.run.cluster.devices_per_node else "gloo"
@@ -143,6 +157,7 @@ class Controller:
         self.run_cp = ControlPlane(store, token=self.token, generation=RUN)
         recovery = ({"kind": "resume", "path": self.resumed["path"], "step": start_step}
                     if self.resumed else {"kind": "fresh", "step": 0})
+        self._gen_recovery, self._gen_wall = recovery, time.time()
         cp = publish_generation(store, token=self.token, generation=plan.generation,
                                 config=self.run.to_dict(), plan_json=plan.to_json(),
                                 recovery=recovery)
@@ -330,10 +345,14 @@ class Controller:
                     console.note(f"checkpoint {rec.get('command')} at step {rec.get('step')} "
                                  f"failed on rank {rec.get('rank')}: {rec.get('error')} "
                                  "(training continues)", warning=True)
+                elif name == "generation_left":
+                    self._left.add((rec["rank"], rec["generation"]))
                 elif name == "fault_injected":
                     self.injected.append({**rec, "t": time.monotonic()})
+                    where = rec.get("where", "step")
                     console.note(f"fault injected: {rec['kind']} rank {rec['rank']} at step "
-                                 f"{rec['step']}", warning=True)
+                                 f"{rec['step']}" + (f" ({where})" if where != "step" else ""),
+                                 warning=True)
             self._event_seq[pid] = seq
 
     def _watch(self, cp: ControlPlane, plan: Plan, console: Console,
@@ -373,6 +392,8 @@ class Controller:
                                  f"heartbeat for {now - w.hb_seen:.0f} s (frozen or "
                                  "partitioned; fault.heartbeat_timeout_s="
                                  f"{f.heartbeat_timeout_s:.0f})", "heartbeat_timeout"))
+            if not lost:
+                lost = self._check_stragglers(plan, console)
             if not lost:
                 lost = self._check_hang(console)
             if not lost and self._grow_at is not None and \
@@ -415,6 +436,48 @@ class Controller:
                 return "failed", f"workers did not stop within fault.shutdown_grace_s=" \
                     f"{f.shutdown_grace_s:.0f} s of the stop request; they were killed."
             time.sleep(POLL_S)
+
+    def _check_stragglers(self, plan: Plan, console: Console) -> list:
+        """Busy times the ranks sent with their votes (per committed step) into the straggler
+        watch of this generation; a new straggler is an event, and with
+        fault.straggler_policy=evict a lost worker (fenced and replaced)."""
+        f = self.run.fault
+        c = self.committer
+        if f.straggler_policy == "off" or plan.world_size < 2:
+            c.busy.clear()
+            return []
+        if self._straggler_watch is None or self._straggler_watch[0] is not c:
+            lay = plan.layout
+
+            def peers(r: int) -> list[int]:
+                same = [q for q in range(lay.world_size)
+                        if lay.coords(q)["pp"] == lay.coords(r)["pp"]]
+                return same if len(same) > 1 else list(range(lay.world_size))
+
+            self._straggler_watch = (c, StragglerWatch(factor=f.straggler_factor,
+                                                       steps=f.straggler_steps, peers=peers))
+        watch = self._straggler_watch[1]
+        lost = []
+        while c.busy:
+            step, busy = c.busy.popleft()
+            for hit in watch.observe(busy):
+                w = next((w for w in self.workers if w.rank == hit["rank"]), None)
+                # Evicting costs a recovery: never when none is allowed (that would end the
+                # run for a slow worker), nor for one that has finished.
+                evict = (f.straggler_policy == "evict" and w is not None and not w.done
+                         and not lost and self._can_recover(plan))
+                rec = self.dir.event("straggler", **hit, step=step, generation=plan.generation,
+                                     factor=f.straggler_factor, steps=f.straggler_steps,
+                                     policy=f.straggler_policy, evicted=evict)
+                self.stragglers.append({k: v for k, v in rec.items() if k != "event"})
+                console.note(f"straggler: rank {hit['rank']} busy {hit['ratio']:.1f}x its peers' "
+                             f"median for {f.straggler_steps} steps"
+                             + (" -- evicting" if evict else ""), warning=True)
+                if evict:
+                    lost.append((w, None, f"worker rank {w.rank} is a straggler ({hit['ratio']:.1f}x "
+                                 f"its peers' busy time; fault.straggler_policy=evict)",
+                                 "straggler"))
+        return lost
 
     def _check_hang(self, console: Console) -> list:
         """No step committed for fault.hang_timeout_s (plus start-up time before a
@@ -520,19 +583,32 @@ class Controller:
         next_step = (self._drain_committed(cp, next_step, t0, console, wandb_run) if alive0
                      else self._drain_metrics(cp, next_step, t0, console, wandb_run))
         committed = self.committer.committed + 1
-        shrunk = self._shrink_plan(plan, lost_ranks)
+        # A failure during a recovery: ranks that recovery had not yet given their state hold
+        # none (a replacement still waiting for its replica's copy, everyone in the middle of
+        # a rollback): they are alive, but not a source, and receive their state again.
+        stateless = self._stateless(lost_ranks)
+        self._interrupt_recovery(stateless, console)
+        shrunk = self._shrink_plan(plan, lost_ranks | stateless)
         if shrunk is not None:
-            return self._shrink(shrunk, plan, lost_ranks, committed, console, next_step,
-                                t_detect, wall_detect)
+            for w in self.workers:
+                if w.rank in stateless:
+                    self._fence(w)
+            return self._shrink(shrunk, plan, lost_ranks | stateless, committed, console,
+                                next_step, t_detect, wall_detect)
         par = self.run.parallel
         recovery, why = choose_recovery(policy=self.run.fault.policy, layout=plan.layout,
-                                        lost=lost_ranks, committed_steps=committed,
+                                        lost=lost_ranks | stateless, committed_steps=committed,
                                         checkpoint_root=self.checkpoint_root(), token=self.token,
                                         checkfree_ok=par.tp == 1 and par.zero.stage == 0)
+        if stateless:
+            why += (f"; rank(s) {sorted(stateless)} had not received their state when the "
+                    "recovery was interrupted")
         if recovery is None:
             self._recover_failed = f"lost rank(s) {sorted(lost_ranks)} and cannot recover: {why}"
             return None, plan, next_step
         gen = plan.generation + 1
+        if recovery.kind in ("checkpoint", "restart"):
+            self._report_skipped(recovery, gen)
         new_plan = dataclasses.replace(plan, generation=gen)
         self.dir.write_plan(new_plan.to_json())
         cp = publish_generation(self.store, token=self.token, generation=gen,
@@ -546,9 +622,12 @@ class Controller:
                                                if m.rank in lost_ranks], replacement=True)
         self._start_spares(new_plan, self.store.port)  # refill, off the critical path
         # Detection latency is measured from the injected fault when there was one (its
-        # wall-clock time in the worker), else unknown (0: the poll that saw the exit).
-        injected = [i for i in self.injected if i["rank"] in lost_ranks and "at" in i]
+        # wall-clock time in the worker; this generation's, not an earlier incarnation's),
+        # else unknown (0: the poll that saw the exit).
+        injected = [i for i in self.injected if i["rank"] in lost_ranks and "at" in i
+                    and i["at"] >= self._gen_wall and i["kind"] != "corrupt_checkpoint"]
         first_sign = min([i["at"] for i in injected] or [wall_detect])
+        self._gen_recovery, self._gen_wall = recovery.record(), time.time()
         self._pending_recovery = {
             "kind": recovery.kind, "source": recovery.record(), "generation": gen,
             "lost_ranks": sorted(lost_ranks), "why": why,
@@ -562,6 +641,46 @@ class Controller:
         if recovery.step < next_step:
             console.set_completed(recovery.step)
         return cp, new_plan, recovery.step
+
+    def _stateless(self, lost: set[int]) -> set[int]:
+        """Live members whose state the current generation's recovery had not delivered yet
+        (it has committed no step): its newcomers, or everyone after a rollback/restart."""
+        c = self.committer
+        if c.committed >= c.first_step:
+            return set()
+        rec = self._gen_recovery
+        alive = {w.rank for w in self.workers} - lost
+        if rec.get("kind") in ("checkpoint", "restart", "resume"):
+            return alive
+        return alive & {int(k) for k in (*rec.get("sources", {}), *rec.get("rebuild", {}))}
+
+    def _interrupt_recovery(self, stateless: set[int], console: Console) -> None:
+        """The pending recovery never completed: it goes into the summary as interrupted."""
+        r = self._pending_recovery
+        if r is None:
+            return
+        self._pending_recovery = None
+        r = {k: v for k, v in r.items() if not k.startswith("_")}
+        r.update(recover_s=None, interrupted=True, stateless=sorted(stateless))
+        self.recoveries.append(r)
+        self.dir.event("recovery_interrupted", **r)
+        console.note(f"recovery into generation {r['generation']} interrupted by another failure",
+                     warning=True)
+
+    def _report_skipped(self, recovery: Any, gen: int) -> None:
+        """Checkpoints newer than the one a rollback uses were skipped (torn, corrupt, still
+        being written): an event each, with the reason (invariant 4)."""
+        from phalanx.checkpoint.store import CheckpointError, list_checkpoints, verify
+
+        for path in list_checkpoints(self.checkpoint_root()):
+            if recovery.path is not None and path == Path(recovery.path):
+                break
+            try:
+                verify(path, token=self.token)
+                reason = "complete now, but not when the recovery chose its source"
+            except CheckpointError as e:
+                reason = str(e)
+            self.dir.event("checkpoint_skipped", path=str(path), reason=reason, generation=gen)
 
     # -- shrink and grow (fault.replace=false) --------------------------------------------
     def _run_for_world(self, world: int) -> RunConfig:
@@ -599,6 +718,7 @@ class Controller:
                                 config=run.to_dict(), plan_json=new_plan.to_json(),
                                 recovery={**recovery, "renumber": {str(o): n for o, n in
                                                                    renumber.items()}})
+        self._gen_recovery, self._gen_wall = recovery, time.time()
         for w in self.workers:
             w.rank = renumber.get(w.rank, w.rank)
         self.committer = Committer(self._own_connection(new_plan.generation),
@@ -670,8 +790,12 @@ class Controller:
         commit, so wait (briefly) for every committed step's record."""
         deadline = time.monotonic() + timeout_s
         while True:
+            # Rank 0 left the generation: it published what it will (a step can commit and
+            # its optimizer step still fail, e.g. in ZeRO's all-gather); do not wait for more.
+            self._drain_events(console)
+            left = (0, cp.generation) in self._left
             next_step = self._drain_metrics(cp, next_step, t0, console, wandb_run)
-            if next_step > self.committer.committed or time.monotonic() > deadline:
+            if next_step > self.committer.committed or left or time.monotonic() > deadline:
                 return next_step
             time.sleep(0.01)
 
@@ -766,6 +890,7 @@ class Controller:
             "corpus": {k: corpus[k] for k in ("source", "sha256", "num_tokens")},
             "failures": self.failures,
             "recoveries": self.recoveries,
+            "stragglers": self.stragglers,
             "replicas_agree": self.replicas_agree,
             "state_digests": {str(r): d.get("digest") for r, d in self.done_records.items()},
             "resumed_from": self.resumed,

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from phalanx.config import RunConfig
 from phalanx.models import LlamaConfig, LlamaForCausalLM
-from phalanx.parallel import interrupt
+from phalanx.parallel import interrupt, waits
 from phalanx.parallel.mesh import Layout
 from phalanx.parallel.optim import build_adamw, build_scheduler
 from phalanx.parallel.recompute import apply_recompute
@@ -161,7 +161,12 @@ class _AbortableAllReduce:
     future that a watcher thread fails with GenerationChanged when the generation moves on
     (checked every `poll_s` while a bucket is in flight), so backward raises and the rank
     joins the next generation at once. The abandoned all-reduce stays with the abandoned
-    group. Without a commit gate (tests, benchmarks) it is DDP's default hook."""
+    group. Without a commit gate (tests, benchmarks) it is DDP's default hook.
+
+    For fault tolerance it also reports to `waits`: the all-reduce is a fault-injection
+    point ("allreduce", fired right after it is issued), a failed or abandoned one is noted,
+    and the last bucket's time in flight counts as time waited on peers (DDP issues it when
+    backward is done, so the reducer is blocked on it until it completes)."""
 
     def __init__(self, gate: Any, poll_s: float = 0.05) -> None:
         self.gate, self.poll_s = gate, poll_s
@@ -175,19 +180,31 @@ class _AbortableAllReduce:
     def hook(self, group, bucket):  # noqa: ANN001, ANN201
         tensor = bucket.buffer()
         size = dist.get_world_size(group)
+        fire = waits.fault_point("allreduce")
+        t0, last = time.perf_counter(), bucket.is_last()
         work = dist.all_reduce(tensor.div_(size), group=group, async_op=True).get_future()
+        if fire is not None:
+            fire()  # fault injection: the all-reduce is in flight, peers are inside it
+
+        def account(_f: torch.futures.Future) -> None:
+            if last:
+                waits.add_waited(time.perf_counter() - t0)
+
         gate = self.gate()
         if gate is None:
+            work.add_done_callback(account)
             return work.then(lambda f: f.value()[0])
         out: torch.futures.Future = torch.futures.Future()
 
         def finish(f: torch.futures.Future) -> None:
+            account(f)
             with self._lock:
                 if out.done():  # already failed by the watcher
                     return
                 try:
                     out.set_result(f.value()[0])
                 except Exception as e:  # noqa: BLE001 - the all-reduce's own error
+                    waits.note_aborted("allreduce")
                     out.set_exception(e)
 
         with self._lock:
@@ -222,6 +239,7 @@ class _AbortableAllReduce:
                 with self._lock:
                     for f in self._pending:
                         if not f.done():
+                            waits.note_aborted("allreduce")
                             f.set_exception(GenerationChanged(gen))
                     self._pending = []
                 return

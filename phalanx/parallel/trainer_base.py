@@ -72,7 +72,9 @@ class TrainerBase:
     def _all_reduce(self, t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
         # NCCL reduces device tensors only; gloo takes them where they are.
         t = t.to(self.device)
-        waits.wait(dist.all_reduce(t, group=group, async_op=True))
+        # Small scalar reductions (the step's agreement, evaluation): not a gradient
+        # reduction, which is what fault injection's `allreduce` point means.
+        waits.wait(dist.all_reduce(t, group=group, async_op=True), op="agree")
         return t.cpu()
 
     def _agree(self, loss_sum: float, finite: bool, stop_requested: bool,

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from phalanx.parallel import waits
+
 
 @dataclass(frozen=True)
 class ShardSlice:
@@ -125,19 +127,24 @@ class _FlatGroup:
                replica_group: dist.ProcessGroup | None) -> None:
         assert self.flat_grad is not None, "prepare_grads() before backward"
         lo = self.rank * self.shard_numel
+        # Issued asynchronously and waited on through `waits` (DESIGN.md: nothing blocks for
+        # ever): a generation change ends the wait; the time counts as waiting on peers.
         if self.zero_stage == 1:
             if self.size > 1:
-                dist.all_reduce(self.flat_grad, group=shard_group)
+                waits.wait(dist.all_reduce(self.flat_grad, group=shard_group, async_op=True),
+                           op="allreduce")
             grad = self.flat_grad[lo:lo + self.shard_numel]
         else:
             grad = torch.empty(self.shard_numel, dtype=self.flat_grad.dtype,
                                device=self.flat_grad.device)
-            dist.reduce_scatter_tensor(grad, self.flat_grad, group=shard_group)
+            # A gradient reduction like stage 1's all-reduce (fault injection's `allreduce`).
+            waits.wait(dist.reduce_scatter_tensor(grad, self.flat_grad, group=shard_group,
+                                                  async_op=True), op="allreduce")
             for _, p in self.named:
                 p.grad = None
             self.flat_grad = None
         if replica_group is not None:
-            dist.all_reduce(grad, group=replica_group)
+            waits.wait(dist.all_reduce(grad, group=replica_group, async_op=True), op="allreduce")
         self.shard.grad = grad
 
     def gather_params(self, group: dist.ProcessGroup | None) -> None:
@@ -145,7 +152,8 @@ class _FlatGroup:
         if self.zero_stage == 3 or self.size == 1:
             return
         assert self.full is not None
-        dist.all_gather_into_tensor(self.full, self.shard.detach().clone(), group=group)
+        waits.wait(dist.all_gather_into_tensor(self.full, self.shard.detach().clone(), group=group,
+                                               async_op=True), op="allgather")
 
 
 class ZeroStage:
