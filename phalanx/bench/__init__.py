@@ -41,6 +41,9 @@ BENCHES: dict[str, tuple[str, str]] = {
     "checkfree": ("phalanx.bench.checkfree",
                   "whole-stage loss at pp=4: loss curves of no failure, CheckFree, CheckFree+, "
                   "checkpoint rollback (one-process pipeline emulation)"),
+    "lowcomm": ("phalanx.bench.lowcomm",
+                "bytes on the slow link and loss on one token budget: DDP vs DiLoCo vs Streaming "
+                "DiLoCo vs NoLoCo, 4 replicas; wall-clock on an emulated 100 Mb/s link"),
     "recovery": ("phalanx.bench.recovery",
                  "MTTR, steps lost and goodput after a killed worker: torchrun restarts from DCP "
                  "checkpoints vs torchft healing vs phalanx replica/checkpoint recovery"),
