@@ -4,6 +4,15 @@ Replicas (`dp_replicate`; each may itself be a pipeline x tensor-parallel model)
 with their inner optimizer and meet only at outer steps, over a process group of their own
 (`link.Link`, which also counts every byte it sends). `base.py` states the trainer's
 contract; each method is one short file. Recipe keys: `lowcomm.*` (phalanx/config.py).
+
+Failures. The outer state is part of the trainer's state (lowcomm/... in
+phalanx/checkpoint/state.py): survivors keep it, a replacement gets it from a live replica
+with the rest of that replica's state, checkpoints hold it. What the lost replica learned
+since the last outer step dies with it -- its replacement continues from the peer's local
+model and inner optimizer, and the samples the lost replica consumed in that round are not
+re-queued (not exactly-once yet). An exchange in flight when a generation ends is abandoned
+with the old groups (waits on it give up with the generation; Streaming DiLoCo redoes that
+fragment's exchange, without overlap, at its sync step).
 """
 
 from __future__ import annotations
