@@ -110,6 +110,26 @@ def test_lost_stage_rolls_back_to_the_checkpoint(tmp_path, reference):
     exactly_once(s)
 
 
+def test_lost_stage_rolls_back_to_its_buddys_memory_copy(tmp_path, reference):
+    """No replica and no disk checkpoint: the lost rank's snapshot comes from its buddy's
+    memory (the copy its persister kept), every survivor rolls back to its own snapshot of
+    that step in host memory, and the run ends bit-identical to a failure-free one. Rank 0
+    is slowed so that the persisters (a process importing torch each) are up before step 5."""
+    from phalanx.checkpoint.manager import peer_dir
+
+    s = run(tmp_path, "peer", ["parallel.pp=2", "checkpoint.peer_every=5", "fault.slow_s=0.5",
+                               "fault.inject=[{rank:0,step:0,kind:slow},{rank:1,step:11,kind:kill}]"])
+    [rec] = s["recoveries"]
+    assert rec["kind"] == "peer", rec
+    assert rec["source"]["sources"] == {"1": 0}
+    assert rec["source"]["step"] in (5, 10) and rec["steps_lost"] == 11 - rec["source"]["step"]
+    assert s["state_digests"] == reference["pp2"]["state_digests"]
+    assert losses(s) == losses(reference["pp2"])
+    exactly_once(s)
+    # The copies in host memory are gone with the run.
+    assert not peer_dir(s["dir"] / "checkpoints").exists()
+
+
 def test_policy_none_and_too_many_failures_fail_cleanly(tmp_path):
     d = tmp_path / "max"
     proc = run_phalanx([*BASE, "trainer.steps=12", "parallel.dp=2", "fault.max_failures=1",

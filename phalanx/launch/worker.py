@@ -255,9 +255,11 @@ def _wait_as_spare(spare: str, host: str, port: int, token: str) -> dict:
 
     cp = ControlPlane(connect(host, port, timeout_s=60), token=token, generation=RUN)
     cp.set(f"spare_ready/{spare}", {"pid": os.getpid()})
-    while (job := cp.get(f"spare/{spare}")) is None:
-        time.sleep(0.01)
-    return job
+    while True:  # a blocking store wait: no polling while idle, no delay when called
+        try:
+            return cp.wait(f"spare/{spare}", timeout_s=3600)
+        except TimeoutError:
+            continue
 
 
 def main() -> int:
@@ -335,6 +337,7 @@ def main() -> int:
     injector = _Injector(run, rank, replacement=replacement, run_cp=run_cp, report=report,
                          root=default_root(run, run_dir))
     old_trainer, step, res = None, 0, None
+    memory = None  # the last generation's snapshots in host memory (a peer recovery's source)
     while True:
         # One generation: its groups, its trainer (rebuilt), its recovery, its steps. When the
         # world shrinks or grows the controller renumbers the survivors.
@@ -364,7 +367,7 @@ def main() -> int:
             trainer, start, manager = _enter_generation(
                 run, plan, cp, rank=rank, device=device, tokens=tokens, old=old_trainer,
                 token=token, run_dir=run_dir, generation=generation, host=host, port=port,
-                report=report)
+                report=report, memory=memory)
         except (GenerationChanged, RuntimeError) as e:
             # A peer failed during the recovery (a transfer or a collective of the trainer's
             # construction lost its partner) or the controller moved on. What this worker
@@ -380,7 +383,7 @@ def main() -> int:
             log.warning("recovery into generation %d failed", generation, exc_info=True)
         else:
             during = "training"
-            old_trainer = None
+            old_trainer = memory = None
             injector.attach(trainer)
             trainer.commit_gate = CommitGate(cp, run_cp, rank=rank)
             cp.set(f"ready/{rank}", {"pid": os.getpid(), "start": start})
@@ -400,6 +403,8 @@ def main() -> int:
 
         if manager is not None:
             manager.abandon()
+            if during == "training":
+                memory = _memory_of(manager)
         if during == "training":
             carried = survivor_state(trainer, step=state["step"] + 1)
         else:
@@ -458,8 +463,18 @@ def _abandon_groups() -> None:
     w.group_count = 0
 
 
+def _memory_of(manager) -> dict:
+    """What a peer recovery can use from an abandoned generation's checkpoint manager: its
+    complete snapshots (step -> buffers) and the buddy copy its persister kept."""
+    snap = manager.snap
+    snapshots = {} if snap is None else {
+        held: snap.sets[i] for i, held in enumerate(snap.step) if held is not None}
+    return {"snapshots": snapshots,
+            "peer_file": manager.peer_copy["path"] if manager.peer_copy else None}
+
+
 def _enter_generation(run, plan, cp, *, rank, device, tokens, old, token, run_dir, generation,
-                      host, port, report):
+                      host, port, report, memory=None):
     """Build the trainer on this generation's groups and give it its state: fresh (or from
     checkpoint.resume), carried over from this worker's previous trainer, received from a
     replica, or rolled back to a checkpoint -- as the controller's `recovery` record says."""
@@ -467,10 +482,13 @@ def _enter_generation(run, plan, cp, *, rank, device, tokens, old, token, run_di
     from phalanx.checkpoint.reshard import load_trainer
     from phalanx.parallel.factory import build_trainer
 
-    trainer = build_trainer(run, rank=rank, layout=plan.layout, schedule=plan.schedule,
-                            tokens=tokens, device=device)
+    t0 = time.perf_counter()
     rec = cp.wait("recovery", timeout_s=60)
     kind, start = rec.get("kind", "fresh"), int(rec.get("step", 0))
+    trainer = build_trainer(run, rank=rank, layout=plan.layout, schedule=plan.schedule,
+                            tokens=tokens, device=device,
+                            state_follows=kind not in ("fresh", "restart"))
+    t_built = time.perf_counter()
     if kind in ("replica", "shrink", "grow", "checkfree"):
         # Survivors keep their own state (a replica's is the same whatever the world size);
         # newcomers receive theirs from a live replica.
@@ -488,15 +506,29 @@ def _enter_generation(run, plan, cp, *, rank, device, tokens, old, token, run_di
                 init=run.fault.checkfree_init)
             if used is not None:
                 report({"event": "checkfree_rebuilt", "generation": generation, **used})
+    elif kind == "peer":  # every rank rolls back to its snapshot in memory (own, or a buddy's)
+        from phalanx.checkpoint.recover import peer_transfer
+
+        memory = memory or {}
+        start = peer_transfer(trainer, rank=rank, step=start,
+                              sources={int(k): v for k, v in rec.get("sources", {}).items()},
+                              own=memory.get("snapshots", {}).get(start),
+                              peer_file=memory.get("peer_file"))
+        log.info("rolled back to step %d from memory (peer recovery)", start)
     elif rec.get("path"):  # resume at start-up, or every rank rolls back to a checkpoint
         start = load_trainer(trainer, rec["path"], token=token)
         log.info("loaded %s at step %d (%s)", rec["path"], start, kind)
     elif kind not in ("fresh", "restart"):
         raise RuntimeError(f"recovery {kind} without a source")
     # "restart": nothing survived anywhere; the rebuilt trainer starts from step 0.
+    t_state = time.perf_counter()
     manager = _checkpoint_manager(run, trainer, report, rank=rank, world=plan.world_size,
                                   token=token, run_dir=run_dir, generation=generation,
                                   host=host, port=port)
+    if generation > 0:  # where a recovery's time goes, per rank (events.jsonl)
+        report({"event": "generation_entered", "generation": generation, "kind": kind,
+                "build_s": round(t_built - t0, 4), "state_s": round(t_state - t_built, 4),
+                "checkpoint_s": round(time.perf_counter() - t_state, 4)})
     return trainer, start, manager
 
 

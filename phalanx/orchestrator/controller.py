@@ -107,6 +107,8 @@ class Controller:
         self.failures: list[dict[str, Any]] = []
         self._signal: int | None = None
         self.checkpoints: list[dict[str, Any]] = []
+        # holder rank -> (ward rank, step): the buddy copy in each persister's memory.
+        self.peer_copies: dict[int, tuple[int, int]] = {}
         self.resumed: dict[str, Any] | None = None
         self._event_seq: dict[int, int] = {}
         self.injected: list[dict[str, Any]] = []
@@ -181,6 +183,7 @@ class Controller:
         finally:
             self.committer.stop()
             self._terminate_all()
+            self._drop_peer_copies()
             console.close()
             for s, h in old.items():
                 signal.signal(s, h)
@@ -320,6 +323,14 @@ class Controller:
         self.dir.event("resume", **self.resumed)
         return step
 
+    def _drop_peer_copies(self) -> None:
+        """The buddy copies in host memory (tmpfs) serve recovery only: gone with the run."""
+        import shutil
+
+        from phalanx.checkpoint.manager import peer_dir
+
+        shutil.rmtree(peer_dir(self.checkpoint_root()), ignore_errors=True)
+
     def checkpoint_root(self) -> Path:
         from phalanx.checkpoint.reshard import default_root
 
@@ -341,6 +352,8 @@ class Controller:
                     console.note(f"checkpoint step {rec['step']} on disk "
                                  f"({rec['bytes'] / 2**20:.1f} MiB, durable after "
                                  f"{rec['durable_s']:.2f} s in the background)")
+                elif name == "checkpoint_peer":
+                    self.peer_copies[rec["rank"]] = (rec["from_rank"], rec["step"])
                 elif name == "checkpoint_failed":
                     console.note(f"checkpoint {rec.get('command')} at step {rec.get('step')} "
                                  f"failed on rank {rec.get('rank')}: {rec.get('error')} "
@@ -588,6 +601,9 @@ class Controller:
         # a rollback): they are alive, but not a source, and receive their state again.
         stateless = self._stateless(lost_ranks)
         self._interrupt_recovery(stateless, console)
+        # Every generation starts its own snapshots: the copies reported so far serve this
+        # recovery only (the survivors' own snapshots go with their old trainers).
+        copies, self.peer_copies = self.peer_copies, {}
         shrunk = self._shrink_plan(plan, lost_ranks | stateless)
         if shrunk is not None:
             for w in self.workers:
@@ -599,7 +615,8 @@ class Controller:
         recovery, why = choose_recovery(policy=self.run.fault.policy, layout=plan.layout,
                                         lost=lost_ranks | stateless, committed_steps=committed,
                                         checkpoint_root=self.checkpoint_root(), token=self.token,
-                                        checkfree_ok=par.tp == 1 and par.zero.stage == 0)
+                                        checkfree_ok=par.tp == 1 and par.zero.stage == 0,
+                                        peer_copies=copies)
         if stateless:
             why += (f"; rank(s) {sorted(stateless)} had not received their state when the "
                     "recovery was interrupted")
@@ -650,7 +667,7 @@ class Controller:
             return set()
         rec = self._gen_recovery
         alive = {w.rank for w in self.workers} - lost
-        if rec.get("kind") in ("checkpoint", "restart", "resume"):
+        if rec.get("kind") in ("checkpoint", "peer", "restart", "resume"):
             return alive
         return alive & {int(k) for k in (*rec.get("sources", {}), *rec.get("rebuild", {}))}
 
