@@ -578,7 +578,7 @@ class Controller:
                  next_step: int, t0: float, wandb_run: Any):
         """A new generation around the loss: fence, choose the source, publish, replace."""
         t_detect, wall_detect = time.monotonic(), time.time()
-        time.sleep(0.2)  # peers that crashed along with the first loss show up now
+        time.sleep(0.05)  # a peer that crashed along with the first loss shows up now
         lost_ranks = {w.rank for w, *_ in lost}
         lost += [(w, w.proc.poll(), f"worker rank {w.rank} {_describe_exit(w.proc.poll())}",
                   "worker_exit") for w in self.workers
