@@ -184,21 +184,25 @@ def test_hang_is_attributed_to_the_stuck_rank_and_recovered(tmp_path, reference)
     assert s["state_digests"] == reference["dp2"]["state_digests"]
 
 
-def test_shrink_then_grow_keeps_the_global_batch(tmp_path, reference):
-    """fault.replace=false: dp 2 -> 1 (the survivor accumulates twice the micro-batches, the
-    global batch and gradient scale unchanged, invariant 5), then back to 2 after 3 steps."""
-    s = run(tmp_path, "shrink", ["parallel.dp=2", "fault.replace=false",
-                                 "fault.grow_after_steps=3",
-                                 "fault.inject=[{rank:1,step:4,kind:kill}]"])
+def test_shrink_then_grow_keeps_the_global_batch(tmp_path):
+    """fault.replace=false on pp=2 x dp=2: rank 3 (replica 1, stage 1) is lost, so replica 1
+    leaves whole and replica 0 goes on alone, accumulating twice the micro-batches (global
+    batch and gradient scale unchanged, invariant 5); 3 steps later two newcomers take
+    replica 1's place again, fed stage by stage by replica 0."""
+    four = ["parallel.pp=2", "parallel.dp=2", "parallel.micro_batch_size=2", "--nproc-per-node", "4"]
+    ref = run(tmp_path, "ref", four)
+    s = run(tmp_path, "shrink", [*four, "fault.replace=false", "fault.grow_after_steps=3",
+                                 "fault.inject=[{rank:3,step:4,kind:kill}]"])
     [rec] = s["recoveries"]
     assert rec["kind"] == "shrink" and rec["steps_lost"] == 0
     events = read_jsonl(s["dir"] / "events.jsonl")
     worlds = [e["world_size"] for e in events if e["event"] == "generation"]
-    assert worlds == [2, 1, 2] and any(e["event"] == "grow" for e in events)
-    assert s["world_size"] == 2 and s["replicas_agree"] is True
+    assert worlds == [4, 2, 4] and any(e["event"] == "grow" for e in events)
+    assert [e["layout"]["dp_replicate"] for e in events if e["event"] == "generation"] == [2, 1, 2]
+    assert s["world_size"] == 4 and s["replicas_agree"] is True
     exactly_once(s)
     # Same global batches, another reduction order: equal within float tolerance.
-    assert losses(s) == pytest.approx(losses(reference["dp2"]), rel=1e-5)
+    assert losses(s) == pytest.approx(losses(ref), rel=1e-5)
 
 
 def test_lost_intermediate_stage_is_rebuilt_by_the_checkfree_formula(tmp_path):

@@ -700,32 +700,46 @@ class Controller:
             self.dir.event("checkpoint_skipped", path=str(path), reason=reason, generation=gen)
 
     # -- shrink and grow (fault.replace=false) --------------------------------------------
-    def _run_for_world(self, world: int) -> RunConfig:
-        """The recipe on `world` pure data-parallel workers, global batch unchanged."""
+    def _run_for_replicas(self, replicas: int) -> RunConfig:
+        """The recipe with `replicas` data-parallel replicas (each the full run's pp x tp x
+        dp_shard ranks), global batch unchanged: each replica accumulates more micro-batches."""
         from phalanx.config import validate
 
-        r = self.full_run
+        r, lay = self.full_run, self.full_plan.layout
+        world = replicas * (lay.world_size // lay.dp_replicate)
         # Injections fire in the processes started first (they read them at start-up); the
         # smaller world's recipe only needs to stay valid.
         inject = [i for i in r.fault.inject if int(i["rank"]) < world]
         return validate(dataclasses.replace(
-            r, parallel=dataclasses.replace(r.parallel, dp=world, dp_replicate=world),
+            r, parallel=dataclasses.replace(r.parallel, dp=None, dp_replicate=replicas),
             cluster=dataclasses.replace(r.cluster, devices_per_node=world),
             fault=dataclasses.replace(r.fault, inject=inject)))
 
+    @staticmethod
+    def _kept_replicas(layout: Any, lost: set[int]) -> list[int]:
+        """The data-parallel replicas (dp_replicate indices) with no lost rank."""
+        gone = {layout.coords(r)["dp_replicate"] for r in lost}
+        return [i for i in range(layout.dp_replicate) if i not in gone]
+
     def _shrink_plan(self, plan: Plan, lost: set[int]) -> Plan | None:
-        """The smaller plan when the recipe asks to shrink and the layout allows it."""
+        """The smaller plan when the recipe asks to shrink and the layout allows it: the
+        replicas that lost a rank leave whole (a pipeline, tensor or ZeRO group is useless
+        without its missing member, and its state lives on in the other replicas), the rest
+        go on with the same pp x tp x dp_shard layout."""
         lay, f = plan.layout, self.run.fault
-        survivors = plan.world_size - len(lost)
-        if f.replace or survivors < 1 or lay.world_size != lay.dp_replicate or \
-                self.run.trainer.global_batch % (survivors * self.run.parallel.micro_batch_size):
+        kept = self._kept_replicas(lay, lost)
+        dp = len(kept) * lay.dp_shard
+        if f.replace or not kept or \
+                self.run.trainer.global_batch % (dp * self.run.parallel.micro_batch_size):
             return None
         try:
-            run = self._run_for_world(survivors)
+            run = self._run_for_replicas(len(kept))
         except ConfigError:
             return None
-        return plan_single_node(run, generation=plan.generation + 1, backend=plan.backend,
-                                cores=len(os.sched_getaffinity(0)), corpus=plan.corpus)
+        new = plan_single_node(run, generation=plan.generation + 1, backend=plan.backend,
+                               cores=len(os.sched_getaffinity(0)), corpus=plan.corpus)
+        same = all(getattr(new.layout, a) == getattr(lay, a) for a in ("pp", "tp", "dp_shard", "vpp"))
+        return new if same and new.layout.dp_replicate == len(kept) else None
 
     def _new_generation(self, new_plan: Plan, run: RunConfig, recovery: dict[str, Any],
                         renumber: dict[int, int]) -> ControlPlane:
@@ -749,10 +763,20 @@ class Controller:
 
     def _shrink(self, new_plan: Plan, plan: Plan, lost: set[int], committed: int,
                 console: Console, next_step: int, t_detect: float, wall_detect: float):
-        survivors = sorted(w.rank for w in self.workers if w.rank not in lost)
-        self.workers = [w for w in self.workers if w.rank not in lost]
-        renumber = {old: new for new, old in enumerate(survivors)}
-        cp = self._new_generation(new_plan, self._run_for_world(len(survivors)),
+        # Ranks keep their place in their replica; replicas are renumbered in order (the
+        # replica axis is the outermost, so a rank's new number is its old one shifted).
+        kept = self._kept_replicas(plan.layout, lost)
+        lay = new_plan.layout
+        renumber = {}
+        for new in range(lay.world_size):
+            c = lay.coords(new)
+            renumber[plan.layout.rank_of(**{**c, "dp_replicate": kept[c["dp_replicate"]]})] = new
+        # The lost replicas' live ranks leave with them.
+        for w in self.workers:
+            if w.rank not in lost and w.rank not in renumber:
+                self._fence(w)
+        self.workers = [w for w in self.workers if w.rank in renumber]
+        cp = self._new_generation(new_plan, self._run_for_replicas(len(kept)),
                                   {"kind": "shrink", "step": committed}, renumber)
         f = self.run.fault
         self._grow_at = committed + f.grow_after_steps if f.grow_after_steps else None
@@ -760,7 +784,8 @@ class Controller:
         self._pending_recovery = {
             "kind": "shrink", "source": {"kind": "shrink", "world": new_plan.world_size},
             "generation": new_plan.generation, "lost_ranks": sorted(lost),
-            "why": "fault.replace=false: the survivors continue as a smaller data-parallel world",
+            "why": (f"fault.replace=false: {len(kept)} data-parallel replica(s) continue, "
+                    f"{plan.layout.dp_replicate - len(kept)} left with the lost rank(s)"),
             "detect_s": round(wall_detect - min([i["at"] for i in injected] or [wall_detect]), 3),
             "steps_lost": 0, "_t_detect": t_detect, "_first_step": committed}
         console.note(f"generation {new_plan.generation}: shrink to {new_plan.world_size} "
@@ -769,15 +794,20 @@ class Controller:
         return cp, new_plan, committed
 
     def _grow(self, plan: Plan, console: Console):
-        """Back to the full world at a step boundary: survivors keep their ranks, newcomers
-        take the rest and receive the state from rank 0 (a replica)."""
+        """Back to the full world at a step boundary: survivors keep their ranks (the replica
+        axis is the outermost: the first replicas' ranks are the same in both layouts),
+        newcomers take the rest and receive their state from a live replica of their shard."""
+        from phalanx.checkpoint.recover import replica_source
+
         self.committer.stop()
         committed = self.committer.committed + 1
         full = dataclasses.replace(self.full_plan, generation=plan.generation + 1)
         have = plan.world_size
         cp = self._new_generation(full, self.full_run,
                                   {"kind": "grow", "step": committed,
-                                   "sources": {str(r): 0 for r in range(have, full.world_size)}},
+                                   "sources": {str(r): replica_source(full.layout, r,
+                                                                      set(range(have)))
+                                               for r in range(have, full.world_size)}},
                                   {r: r for r in range(full.world_size)})
         self._spawn(full, self.store.port, [m for m in full.members if m.rank >= have],
                     replacement=True)
