@@ -267,6 +267,11 @@ def main() -> int:
     faulthandler.enable(all_threads=True)
     # On SIGUSR1 (the controller suspects a hang) every thread's stack goes to the log.
     faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+    # Stopping is the controller's decision, taken at a step boundary for every rank at once.
+    # A batch system signals every process of a job (Slurm's --signal, scancel, a requeue):
+    # the controller gets it too and stops the run cleanly; a worker that died of it would
+    # turn that stop into a failure. The controller ends workers with SIGKILL.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     token = os.environ["PHALANX_TOKEN"]
     if spare := os.environ.get("PHALANX_SPARE"):

@@ -886,7 +886,8 @@ class Controller:
         return "failed", msg
 
     def _terminate_all(self) -> None:
-        """Leave nothing running: TERM the process groups, then KILL what is left."""
+        """Leave nothing running: KILL the workers' process groups (workers ignore SIGTERM,
+        which a batch system sends to every process of a job; see worker.main)."""
         for _sid, proc, _ in self.spares:
             if proc.poll() is None:
                 proc.kill()
@@ -894,15 +895,9 @@ class Controller:
         self.spares.clear()
         live = [w for w in self.workers if w.proc.poll() is None]
         for w in live:
-            self._signal_group(w, signal.SIGTERM)
-            self._signal_group(w, signal.SIGCONT)  # a frozen worker must wake to die
-        deadline = time.monotonic() + 5.0
+            self._signal_group(w, signal.SIGKILL)
         for w in live:
-            try:
-                w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self._signal_group(w, signal.SIGKILL)
-                w.proc.wait()
+            w.proc.wait()
             self.dir.event("worker_exit", rank=w.rank, exit_code=w.proc.returncode)
 
     @staticmethod
