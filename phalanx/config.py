@@ -512,8 +512,6 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
              f"parallel.recompute={p.recompute!r}: choose none, selective or full.")
     _positive("cluster.nodes", run.cluster.nodes)
     _positive("cluster.devices_per_node", run.cluster.devices_per_node)
-    _require(run.cluster.nodes == 1, f"cluster.nodes={run.cluster.nodes} (--nnodes): multi-node "
-             "runs are not available in this build yet; use one node.")
     world = run.world_size
     if p.dp is not None:
         _require(p.dp_replicate is None or p.dp_replicate == p.dp,

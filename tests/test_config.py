@@ -68,7 +68,6 @@ def test_launcher_flags_become_recipe_keys():
     (["model.vocab_size=???"], "recipe keys without a value: model.vocab_size"),
     (["trainer.steps=0"], "trainer.steps=0 must be positive"),
     (["fault.heartbeat_timeout_s=1.5"], "must exceed twice fault.heartbeat_s"),
-    (["--nnodes", "2"], "multi-node runs are not available in this build yet"),
 ])
 def test_bad_recipe_rejected_with_reason(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -87,9 +86,11 @@ def test_unknown_key_and_wrong_type_are_named_by_hydra():
     assert "trainer.steps" in str(e.value.__cause__) and "abc" in str(e.value.__cause__)
 
 
-def test_elastic_nnodes_rejected():
-    with pytest.raises(ConfigError, match="MIN:MAX"):
-        compose_recipe(["--nnodes", "1:4"])
+def test_elastic_nnodes_lays_out_min_nodes():
+    # --nnodes MIN:MAX: the layout is for MIN nodes; nodes beyond MIN join as spare nodes.
+    assert compose_recipe(["--nnodes", "2:4"]).cluster.nodes == 2
+    with pytest.raises(ConfigError, match="1 <= MIN <= MAX"):
+        compose_recipe(["--nnodes", "4:2"])
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -224,14 +224,9 @@ def test_launch_from_slurm_alone():
     assert (spec.min_nodes, spec.max_nodes, spec.node_rank, spec.host, spec.rdzv_id) == \
         (1, 1, 0, "vm", "1")
     assert spec.port == 0 and not spec.multi_node
-    spec.require_single_node()
     multi = resolve_launch(env=GPU_STEP_NODE2)
     assert (multi.max_nodes, multi.node_rank, multi.host) == (4, 2, "gpu-a01")
-    with pytest.raises(LaunchEnvError) as e:
-        multi.require_single_node()
-    assert "4 nodes (from SLURM_STEP_NODELIST)" in str(e.value)
-    assert "multi-node launch lands with the node agent (issue 9)" in str(e.value)
-    assert "phalanx slurm --nodes 1" in str(e.value)
+    assert multi.multi_node and multi.describe_nodes() == "4 nodes (from SLURM_STEP_NODELIST)"
 
 
 def test_flags_beat_torchrun_env_beats_slurm():
@@ -273,17 +268,32 @@ def test_run_inside_one_node_allocation_reads_slurm():
     assert argv == ["cluster.devices_per_node=2", "cluster.nodes=1"] and port == 29600
 
 
-def test_run_refuses_more_than_one_node_until_the_agent_exists():
-    for env, argv in ((GPU_STEP_NODE2, []), ({}, ["--nnodes", "2"]), ({}, ["--nnodes", "1:2"]),
-                      ({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "h"}, [])):
-        with pytest.raises(ConfigError, match=r"multi-node launch lands with the node agent "
-                                              r"\(issue 9\)"):
-            _launcher_overrides(argv, env=env)
-    # Composing a recipe (phalanx plan, tests) still takes --nnodes N as cluster.nodes=N.
+def test_run_on_more_than_one_node_needs_the_endpoint_and_the_token():
+    from phalanx.launch.agent import Agent
+    from phalanx.launch.cli import _cluster_role, _LaunchArgs
+
+    # --nnodes MIN:MAX lays the recipe out on MIN nodes; the others are spare nodes.
     assert _launcher_overrides(["--nnodes", "4"])[0] == ["cluster.nodes=4"]
-    assert _launcher_overrides(["--nnodes", "1:1"])[0] == ["cluster.nodes=1"]
-    with pytest.raises(ConfigError, match="MIN:MAX"):
-        _launcher_overrides(["--nnodes", "1:4"])
+    assert _launcher_overrides(["--nnodes", "2:4"])[0] == ["cluster.nodes=2"]
+    for env, argv in ((GPU_STEP_NODE2, []), ({}, ["--nnodes", "2"]),
+                      ({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "h"}, [])):
+        _launcher_overrides(argv, env=env)
+        with pytest.raises(ConfigError, match=r"give its address: --rdzv-endpoint HOST:PORT"):
+            _cluster_role([])
+    ep = ["--nnodes", "2", "--rdzv-endpoint", "10.0.0.1:29400", "--rdzv-id", "j1"]
+    _launcher_overrides([*ep, "--node-rank", "0"], env={})
+    with pytest.raises(ConfigError, match=r"needs a shared secret .* PHALANX_TOKEN"):
+        _cluster_role([])
+    # Node 1 becomes its node's agent (it is refused by the controller without the token).
+    _launcher_overrides([*ep, "--node-rank", "1", "--nproc-per-node", "4"], env={})
+    agent = _cluster_role([])
+    assert isinstance(agent, Agent) and not _LaunchArgs.hosts_controller
+    assert (agent.host, agent.port, agent.node, agent.nproc, agent.rdzv_id) == \
+        ("10.0.0.1", 29400, 1, 4, "j1")
+    _launcher_overrides([*ep, "--node-rank", "1", "--controller", "10.0.0.7:29999"], env={})
+    assert (_cluster_role([]).host, _cluster_role([]).port) == ("10.0.0.7", 29999)
+    with pytest.raises(ConfigError, match="--multirun runs one job after another"):
+        _cluster_role(["--multirun"])
 
 
 def test_phalanx_run_in_a_multinode_allocation_exits_with_the_reason(tmp_path):
@@ -293,8 +303,8 @@ def test_phalanx_run_in_a_multinode_allocation_exits_with_the_reason(tmp_path):
                           str(tmp_path / "run")], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2, out.stderr
-    assert "phalanx: error: 4 nodes (from SLURM_STEP_NODELIST): multi-node launch lands with " \
-           "the node agent (issue 9)" in out.stderr
+    assert "phalanx: error: 4 nodes (from SLURM_STEP_NODELIST): the nodes meet at the " \
+           "controller's store, so give its address: --rdzv-endpoint HOST:PORT" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()
 
 
@@ -342,7 +352,6 @@ def test_script_matches_golden_file(name, capsys):
         pytest.fail(f"`phalanx slurm` output differs from {path} (rerun with "
                     f"PHALANX_UPDATE_GOLDEN=1 if the change is intended):\n{diff}")
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
-    assert ("multi-node launch lands with the node agent" in err) == (name != "cpu_1node")
 
 
 def test_overrides_reach_phalanx_run_verbatim(capsys):

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phalanx.config import ConfigError
-from phalanx.launch.slurm_env import MULTINODE_NOT_YET
 
 EXIT_CONFIG = 2
 # Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (and no limit at all).
@@ -293,9 +292,6 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         return _error(str(e))
     script = render_script(req, argv=argv)
-    if req.nodes > 1:
-        _note(f"note: {MULTINODE_NOT_YET}: this script's `phalanx run --nnodes {req.nodes}` stops "
-              "with that error until it does (--nodes 1 runs today).")
     if not (a.submit or a.out):
         sys.stdout.write(script)
         return 0

@@ -27,9 +27,6 @@ T = TypeVar("T")
 # A hostlist that expands to more hosts than this is a typo, not a cluster.
 MAX_HOSTS = 65536
 
-MULTINODE_NOT_YET = ("multi-node launch lands with the node agent (issue 9); this build "
-                     "trains on one node")
-
 
 class LaunchEnvError(ConfigError):
     """The environment or the launcher flags describe a launch that cannot work."""
@@ -306,16 +303,6 @@ class LaunchSpec:
         n = (str(self.max_nodes) if self.min_nodes == self.max_nodes
              else f"{self.min_nodes}:{self.max_nodes}")
         return f"{n} nodes (from {self.sources.get('nnodes', '--nnodes')})"
-
-    def require_single_node(self) -> None:
-        """This build's launcher runs one node; say so plainly for anything more."""
-        if not self.multi_node:
-            return
-        elastic = " (elastic MIN:MAX)" if self.min_nodes != self.max_nodes else ""
-        fix = ("request one node (`phalanx slurm --nodes 1`, `sbatch --nodes=1`)"
-               if self.sources.get("nnodes", "").startswith("SLURM_")
-               else "use --nnodes 1")
-        raise LaunchEnvError(f"{self.describe_nodes()}{elastic}: {MULTINODE_NOT_YET}; {fix}.")
 
 
 def resolve_launch(*, nnodes: str | None = None, node_rank: int | None = None,

@@ -26,6 +26,12 @@ log = logging.getLogger("phalanx.worker")
 EXIT_CONTROLLER_LOST = 3
 
 
+def _proc_id() -> int:
+    """How the controller knows this process: its pid, or on a cluster the run-unique id its
+    node agent was given (pids repeat across machines and containers)."""
+    return int(os.environ.get("PHALANX_PROC_ID") or os.getpid())
+
+
 def _heartbeat(host: str, port: int, token: str, generation: int, rank: int, period_s: float,
                state: dict, stop: threading.Event) -> None:
     """Write hb/{rank} every period; if the controller is unreachable for long, exit.
@@ -40,7 +46,7 @@ def _heartbeat(host: str, port: int, token: str, generation: int, rank: int, per
         try:
             # The rank can change when the world shrinks or grows (state["rank"]).
             cp.set(f"hb/{state.get('rank', rank)}",
-                   {"t": time.time(), "step": state["step"], "pid": os.getpid()})
+                   {"t": time.time(), "step": state["step"], "pid": _proc_id()})
             last_ok = time.monotonic()
         except Exception:  # noqa: BLE001 - any store failure means the same: controller gone
             if time.monotonic() - last_ok > 10 * period_s + 10:
@@ -325,7 +331,7 @@ def main() -> int:
 
     def report(event: dict) -> None:
         try:
-            run_cp.set(f"event/{os.getpid()}/{seq[0]}", {"rank": rank, **event})
+            run_cp.set(f"event/{_proc_id()}/{seq[0]}", {"rank": rank, **event})
             seq[0] += 1
         except Exception:  # noqa: BLE001 - an unreachable controller is the heartbeat's job
             log.warning("could not report %s", event.get("event"))

@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -22,6 +23,46 @@ log = logging.getLogger(__name__)
 
 TOKEN_ENV = "PHALANX_TOKEN"
 
+# Called with (key, why) for each value this process rejects (the controller turns them into
+# events); None: the warning in the log only.
+_reject_hook: Callable[[str, str], None] | None = None
+
+
+def set_reject_hook(hook: Callable[[str, str], None] | None) -> None:
+    global _reject_hook
+    _reject_hook = hook
+
+
+def signature(key: bytes, generation: int, full_key: str, payload: str) -> str:
+    msg = f"{generation}\0{full_key}\0{payload}".encode()
+    return hmac.new(key, msg, hashlib.sha256).hexdigest()
+
+
+def seal(token: str, generation: int, full_key: str, value: Any) -> str:
+    """The stored form of `value` at `full_key`: the JSON payload and its HMAC."""
+    payload = json.dumps(value, separators=(",", ":"))
+    return json.dumps({"v": payload, "sig": signature(token.encode(), generation, full_key,
+                                                      payload)})
+
+
+def open_value(key: bytes, generation: int, full_key: str, raw: bytes | str
+               ) -> tuple[Any, str | None]:
+    """(value, None) for a validly signed stored value, else (None, why). Any bytes may be
+    there (a raw client can write anything): nothing here raises on them."""
+    try:
+        env = json.loads(raw)
+        payload, sig = env["v"], env["sig"]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        return None, "not a signed phalanx value"
+    if not isinstance(payload, str) or not isinstance(sig, str) or not sig.isascii():
+        return None, "not a signed phalanx value"
+    if not hmac.compare_digest(sig, signature(key, generation, full_key, payload)):
+        return None, "bad signature"
+    try:
+        return json.loads(payload), None
+    except ValueError:
+        return None, "signed, but not JSON"
+
 
 class ControlPlane:
     def __init__(self, store: dist.Store, *, token: str, generation: int) -> None:
@@ -29,32 +70,32 @@ class ControlPlane:
         self._key = token.encode()
         self.generation = generation
         self.rejected: list[str] = []
+        self._seen: set[tuple[str, bytes]] = set()
 
     def _full(self, key: str) -> str:
         return f"g{self.generation}/{key}"
 
-    def _sig(self, full_key: str, payload: str) -> str:
-        msg = f"{self.generation}\0{full_key}\0{payload}".encode()
-        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()
-
     def set(self, key: str, value: Any) -> None:
         full = self._full(key)
-        payload = json.dumps(value, separators=(",", ":"))
-        self.store.set(full, json.dumps({"v": payload, "sig": self._sig(full, payload)}))
+        self.store.set(full, seal(self._key.decode(), self.generation, full, value))
 
     def _decode(self, full: str, raw: bytes) -> Any:
-        try:
-            env = json.loads(raw)
-            payload, sig = env["v"], env["sig"]
-        except (ValueError, KeyError, TypeError):
-            return self._reject(full, "not a signed phalanx value")
-        if not hmac.compare_digest(sig, self._sig(full, payload)):
-            return self._reject(full, "bad signature")
-        return json.loads(payload)
+        value, why = open_value(self._key, self.generation, full, raw)
+        if why is not None:
+            return self._reject(full, why, raw)
+        return value
 
-    def _reject(self, full: str, why: str) -> None:
-        log.warning("control plane: ignoring %s (%s)", full, why)
-        self.rejected.append(full)
+    def _reject(self, full: str, why: str, raw: bytes = b"") -> None:
+        # A forged value stays in the store and is read again at every poll: say so once.
+        seen = (full, hashlib.sha256(raw).digest())
+        if seen not in self._seen:
+            if len(self._seen) > 4096:
+                self._seen.clear()
+            self._seen.add(seen)
+            self.rejected.append(full)
+            log.warning("control plane: ignoring %s (%s)", full, why)
+            if _reject_hook is not None:
+                _reject_hook(full, why)
         return None
 
     def has(self, key: str) -> bool:

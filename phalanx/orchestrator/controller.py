@@ -91,14 +91,19 @@ class Outcome:
 
 
 class Controller:
+    # A cluster run (ClusterLaunch): node agents start the workers (_open_store, _spawn).
+    agents: Any = None
+    guard: Any = None
+
     def __init__(self, run: RunConfig, *, run_dir: Path, resolved_yaml: str,
-                 port: int = 0) -> None:
+                 port: int = 0, cluster: Any = None) -> None:
         # fault.random: the failure schedule is drawn once, here, and becomes fault.inject.
         run, self.random_faults = with_random_faults(run)
         self.run = run
         self.dir = RunDir(run_dir)
         self.resolved_yaml = resolved_yaml
         self.port = port
+        self.cluster = cluster
         # A token set by the user (PHALANX_TOKEN) outlives the run, so a resumed run can check
         # the signatures of the checkpoints an earlier run wrote.
         self.token = os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
@@ -154,9 +159,11 @@ class Controller:
         self.dir.write_plan(plan.to_json())
         self.full_plan = plan
         start_step = self._resolve_resume()
-        store = dist.TCPStore("127.0.0.1", self.port, is_master=True, wait_for_workers=False)
+        store = self._open_store()
         self.store = store
         self.run_cp = ControlPlane(store, token=self.token, generation=RUN)
+        if self.cluster is not None:
+            plan = self._join_cluster(plan)
         recovery = ({"kind": "resume", "path": self.resumed["path"], "step": start_step}
                     if self.resumed else {"kind": "fresh", "step": 0})
         self._gen_recovery, self._gen_wall = recovery, time.time()
@@ -187,8 +194,11 @@ class Controller:
             console.close()
             for s, h in old.items():
                 signal.signal(s, h)
+        self._close_store(0 if status == "ok" else 1)
         summary = self._summary(status, message, getattr(self, "final_plan", plan), corpus,
                                 time.monotonic() - t_start)
+        if self.agents is not None:
+            summary["nodes"] = self.agents.describe()
         if plan.schedule is not None:
             pipeline = export_timeline(self.dir.path, schedule=plan.schedule)
             if pipeline is not None:
@@ -285,12 +295,17 @@ class Controller:
                 "PYTHONUNBUFFERED": "1",
             })
             log_path = self.dir.worker_log(m.rank)
-            with open(log_path, "ab") as out:
-                # Own session: a terminal's Ctrl-C reaches the controller only, which then
-                # stops the workers together at a step boundary.
-                proc = subprocess.Popen([sys.executable, "-m", "phalanx.launch.worker"], env=env,
-                                        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True, preexec_fn=_die_with_parent)
+            if self.agents is not None:  # a cluster run: the node's agent starts it
+                prev = next((w.proc for w in self.workers if w.rank == m.rank), None)
+                proc = self.agents.spawn(m, env=env, log_path=log_path, prev=prev)
+            else:
+                with open(log_path, "ab") as out:
+                    # Own session: a terminal's Ctrl-C reaches the controller only, which then
+                    # stops the workers together at a step boundary.
+                    proc = subprocess.Popen([sys.executable, "-m", "phalanx.launch.worker"],
+                                            env=env, stdout=out, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
             self.workers = [w for w in self.workers if w.rank != m.rank]
             self.workers.append(_Worker(rank=m.rank, proc=proc, log_path=log_path,
                                         hb_seen=time.monotonic()))
@@ -388,8 +403,10 @@ class Controller:
                 if not w.done and cp.has(f"done/{w.rank}"):
                     w.done = True
                 if rc is not None and (rc != 0 or not w.done):
+                    gone = getattr(w.proc, "lost", None)  # a remote worker's node is lost
                     lost.append((w, rc, f"worker rank {w.rank} (pid {w.proc.pid}) "
-                                 f"{_describe_exit(rc)}", "worker_exit"))
+                                 + (gone or _describe_exit(rc)),
+                                 "node_lost" if gone else "worker_exit"))
                     continue
                 hb = self.run_cp.get(f"hb/{w.rank}")
                 if hb is not None and hb.get("pid") != w.proc.pid:
@@ -509,7 +526,7 @@ class Controller:
             return []
         for w in self.workers:
             try:
-                os.kill(w.proc.pid, signal.SIGUSR1)
+                w.proc.send_signal(signal.SIGUSR1)  # local or through the node's agent
             except ProcessLookupError:
                 pass
         time.sleep(1.0)  # faulthandler writes synchronously; give the logs a moment
@@ -525,10 +542,87 @@ class Controller:
         return [(w, None, f"worker rank {w.rank} hung ({why})", "hang")
                 for w in self.workers if w.rank in odd]
 
+    # -- the store, its guard, and the node agents of a cluster run -------------------------
+    def _open_store(self) -> Any:
+        """The control plane's TCPStore: bound to localhost for a single-node run (no other
+        machine can reach it); on all interfaces for a cluster run, where node agents and
+        workers connect. Every value the controller writes is watched (guard.py), and values
+        the controller rejects or finds forged are events."""
+        import socket
+
+        from phalanx.orchestrator.control_plane import set_reject_hook
+        from phalanx.orchestrator.guard import StoreGuard
+
+        if self.cluster is None:
+            self._listen = socket.socket()
+            self._listen.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listen.bind(("127.0.0.1", self.port))
+            self._listen.listen(1024)
+            raw = dist.TCPStore("127.0.0.1", self._listen.getsockname()[1], is_master=True,
+                                wait_for_workers=False, master_listen_fd=self._listen.fileno())
+        else:
+            raw = dist.TCPStore("127.0.0.1", self.cluster.port, is_master=True,
+                                wait_for_workers=False)
+        self.guard = StoreGuard(self.token, lambda key, how: self.dir.event(
+            "control_plane_forged", key=key, how=how))
+        store = self.guard.wrap(raw)
+        set_reject_hook(lambda key, why: self.dir.event("control_plane_rejected", key=key,
+                                                        why=why))
+        port = raw.port
+        self.guard.start(lambda: dist.TCPStore("127.0.0.1", port, is_master=False))
+        if self.cluster is not None:
+            from phalanx.orchestrator.agents import Agents
+
+            f = self.run.fault
+            self.agents = Agents(
+                self.cluster, store=store, token=self.token, heartbeat_s=f.heartbeat_s,
+                heartbeat_timeout_s=f.heartbeat_timeout_s, event=self.dir.event,
+                log_dir=self.dir.path / "logs",
+                connect=lambda: self.guard.wrap(dist.TCPStore("127.0.0.1", port,
+                                                              is_master=False)))
+            self.agents.publish()
+            self.agents.start()
+        return store
+
+    def _join_cluster(self, plan: Plan) -> Plan:
+        """Wait for the member nodes' agents; rank r runs on node r // nproc. Threads per
+        worker follow the smallest node unless cluster.threads_per_worker says."""
+        from phalanx.orchestrator.plan import Member
+
+        la = self.cluster
+        self.dir.event("rendezvous", host=la.host, port=la.port, rdzv_id=la.rdzv_id,
+                       nnodes=[la.min_nodes, la.max_nodes], nproc=la.nproc)
+        try:
+            if la.local_agent:
+                self.agents.start_local_agent()
+            self.agents.rendezvous()
+        except BaseException:
+            self._close_store(1)
+            raise
+        members = tuple(Member(rank=r, node=r // la.nproc, local_rank=r % la.nproc)
+                        for r in range(plan.world_size))
+        threads = self.run.cluster.threads_per_worker or max(1, self.agents.cores() // la.nproc)
+        plan = dataclasses.replace(plan, members=members, threads_per_worker=threads)
+        self.dir.write_plan(plan.to_json())
+        self.full_plan = plan
+        return plan
+
+    def _close_store(self, code: int) -> None:
+        """After the workers: the agents exit (with the run's exit code), the helpers stop."""
+        from phalanx.orchestrator.control_plane import set_reject_hook
+
+        if self.agents is not None:
+            self.agents.shutdown(code)
+        if self.guard is not None:
+            self.guard.stop()
+        set_reject_hook(None)
+
     def _own_connection(self, generation: int) -> ControlPlane:
         """The committer blocks in store waits; on the main connection those would hold the
         socket and delay every other store call of the watch loop (detection included)."""
         client = dist.TCPStore("127.0.0.1", self.store.port, is_master=False)
+        if self.guard is not None:
+            client = self.guard.wrap(client)
         return ControlPlane(client, token=self.token, generation=generation)
 
     def _check_replicas(self, plan: Plan) -> None:
@@ -712,7 +806,7 @@ class Controller:
         inject = [i for i in r.fault.inject if int(i["rank"]) < world]
         return validate(dataclasses.replace(
             r, parallel=dataclasses.replace(r.parallel, dp=None, dp_replicate=replicas),
-            cluster=dataclasses.replace(r.cluster, devices_per_node=world),
+            cluster=dataclasses.replace(r.cluster, nodes=1, devices_per_node=world),
             fault=dataclasses.replace(r.fault, inject=inject)))
 
     @staticmethod
@@ -902,6 +996,9 @@ class Controller:
 
     @staticmethod
     def _signal_group(w: _Worker, sig: int) -> None:
+        if hasattr(w.proc, "signal_group"):  # a remote worker: its node agent signals it
+            w.proc.signal_group(sig)
+            return
         try:
             os.killpg(w.proc.pid, sig)
         except (ProcessLookupError, PermissionError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ class RunDir:
         self._metrics = open(self.path / "metrics.jsonl", "a")
         self._events = open(self.path / "events.jsonl", "a")
         self._t0 = time.monotonic()
+        # Events come from the watch loop and from the controller's helper threads (the store
+        # guard, the node agents' watch): one line each, never interleaved.
+        self._lock = threading.Lock()
 
     def write_config(self, yaml_text: str) -> None:
         _write_atomic(self.path / "config.yaml", yaml_text)
@@ -37,8 +41,10 @@ class RunDir:
     def event(self, name: str, /, **fields: Any) -> dict[str, Any]:
         rec = {"event": name, "time": time.time(), "t": round(time.monotonic() - self._t0, 3),
                **fields}
-        self._events.write(json.dumps(rec, sort_keys=True) + "\n")
-        self._events.flush()
+        with self._lock:
+            if not self._events.closed:
+                self._events.write(json.dumps(rec, sort_keys=True) + "\n")
+                self._events.flush()
         return rec
 
     def worker_log(self, rank: int) -> Path:
@@ -48,5 +54,6 @@ class RunDir:
         _write_atomic(self.path / "summary.json", json.dumps(summary, indent=1, sort_keys=True))
 
     def close(self) -> None:
-        self._metrics.close()
-        self._events.close()
+        with self._lock:
+            self._metrics.close()
+            self._events.close()
