@@ -88,6 +88,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from phalanx.models.llama import LlamaConfig, LlamaForCausalLM
+from phalanx.parallel import waits
 
 __all__ = [
     "apply_tensor_parallel",
@@ -403,10 +404,12 @@ def global_grad_norm(
     for mesh, values in by_mesh.items():
         part = combine(values)
         for dim in range(mesh.ndim):
-            dist.all_reduce(part, op=op, group=mesh.get_group(dim))
+            waits.wait(dist.all_reduce(part, op=op, group=mesh.get_group(dim), async_op=True),
+                       op="norm")
         total = torch.maximum(total, part) if inf else total + part
     for group in groups:
-        dist.all_reduce(total, op=op, group=group)
+        # Through `waits`: a peer that left the generation must not keep this rank here.
+        waits.wait(dist.all_reduce(total, op=op, group=group, async_op=True), op="norm")
     return total if inf else total.pow(1.0 / norm_type)
 
 
