@@ -226,10 +226,11 @@ class FaultConfig:
     # every worker's Python stacks are collected (faulthandler, SIGUSR1) and the rank that
     # is not where the others wait is named, fenced and replaced.
     hang_timeout_s: float = 600.0
-    # Replace a lost worker (a spare or a new process). false: shrink instead -- the survivors
-    # go on as a smaller data-parallel world (pure data-parallel layouts; the global batch and
-    # gradient scale are kept by more accumulation), and grow back to the full world after
-    # grow_after_steps committed steps (0: stay small).
+    # Replace a lost worker (a spare or a new process). false: shrink instead -- the
+    # data-parallel replicas that lost a rank leave whole and the others go on with the same
+    # pp x tp x dp_shard layout (the global batch and gradient scale are kept by more
+    # accumulation), and grow back to the full world after grow_after_steps committed steps
+    # (0: stay small).
     replace: bool = True
     grow_after_steps: int = 0
     # Warm spare workers kept started (Python + torch imported) to replace a lost worker in
