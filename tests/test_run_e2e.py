@@ -28,10 +28,11 @@ def _ok(proc: subprocess.CompletedProcess, run_dir: Path) -> dict:
 
 
 def test_default_job_learns_below_unigram_entropy(tmp_path):
-    """README command 1: `phalanx run` with no recipe arguments."""
+    """README command 1: `phalanx run fault=demo`, the embedded default job with worker 1
+    SIGKILLed before step 100 and taken over by a warm spare fed by its replica."""
     run_dir = tmp_path / "default"
     t0 = time.monotonic()
-    proc = run_phalanx(["--run-dir", str(run_dir)], timeout=300)
+    proc = run_phalanx(["fault=demo", "--run-dir", str(run_dir)], timeout=300)
     wall = time.monotonic() - t0
     summary = _ok(proc, run_dir)
     assert wall < 180
@@ -49,6 +50,9 @@ def test_default_job_learns_below_unigram_entropy(tmp_path):
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(200))
     assert sum("val_loss" in m for m in metrics) == 4
+    [rec] = summary["recoveries"]
+    assert rec["kind"] == "replica" and rec["steps_lost"] == 0 and rec["lost_ranks"] == [1]
+    assert summary["replicas_agree"] is True
 
 
 @pytest.fixture(scope="module")
