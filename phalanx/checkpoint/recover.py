@@ -18,6 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from phalanx.checkpoint.boxes import Boxes
 from phalanx.checkpoint.state import restore_after_load, trainer_state
+from phalanx.parallel.flat import copy_back, flatten
 
 __all__ = ["carry_over", "checkfree_sources", "survivor_state", "checkfree_transfer", "peer_transfer",
            "replica_source",
@@ -114,7 +115,7 @@ def replica_transfer(trainer: Any, *, rank: int, sources: dict[int, int], step: 
     if rank in sources:
         for flat, members in _flat_groups(tensors, fill=False):
             dist.recv(flat, src=sources[rank])
-            _unflatten(flat, members)
+            copy_back(flat, members)
         restore_after_load(trainer, state)
     for lost, src in sorted(sources.items()):
         if src == rank:
@@ -132,17 +133,10 @@ def _flat_groups(tensors: list[torch.Tensor], *, fill: bool
         by_dtype.setdefault(t.dtype, []).append(t)
     for dtype, members in by_dtype.items():
         if fill:
-            flat = torch.cat([t.reshape(-1) for t in members])
+            flat = flatten(members)
         else:
             flat = torch.empty(sum(t.numel() for t in members), dtype=dtype, device=members[0].device)
         yield flat, members
-
-
-def _unflatten(flat: torch.Tensor, members: list[torch.Tensor]) -> None:
-    offset = 0
-    for t in members:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
 
 
 def checkfree_sources(layout: Any, lost: int, alive: set[int], *,

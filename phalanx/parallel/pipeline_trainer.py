@@ -26,6 +26,7 @@ from phalanx.data import TokenWindows
 from phalanx.models import LlamaForCausalLM
 from phalanx.parallel import interrupt, waits
 from phalanx.parallel.data_parallel import model_config
+from phalanx.parallel.flat import copy_back, flatten
 from phalanx.parallel.mesh import AXES, Layout
 from phalanx.parallel.optim import adamw, build_adamw, build_scheduler
 from phalanx.parallel.pipeline.actions import Action
@@ -230,13 +231,13 @@ class PipelineTrainer(TrainerBase):
         """Owner and mirror each saw their routes' micro-batches: both take the sum (the same
         bits on both ranks, so the same update keeps them identical)."""
         for group, tensors in self._mirror_sync:
-            grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in tensors]
-            flat = torch.cat([g.reshape(-1) for g in grads])
+            for q in tensors:
+                if q.grad is None:  # a route this step never took (one micro-batch)
+                    q.grad = torch.zeros_like(q)
+            grads = [q.grad for q in tensors]
+            flat = flatten(grads)
             waits.wait(dist.all_reduce(flat, group=group, async_op=True))
-            offset = 0
-            for q, g in zip(tensors, grads, strict=True):
-                q.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-                offset += g.numel()
+            copy_back(flat, grads)
 
     def _mesh_world_group(self) -> dist.ProcessGroup:
         ranks = sorted(int(r) for r in self.mesh.mesh.flatten())
@@ -263,17 +264,14 @@ class PipelineTrainer(TrainerBase):
         if self.dp_size == 1 or self.lowcomm is not None:
             return
         grads = [self._local(q.grad) for q in self.stages[stage].parameters() if q.grad is not None]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = flatten(grads)
         work = dist.all_reduce(flat, group=self.replica_group, async_op=True)
         self._pending.append((work, flat, grads))
 
     def _finish_reductions(self) -> None:
         for work, flat, grads in self._pending:
             waits.wait(work)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+            copy_back(flat, grads)
         self._pending.clear()
 
     def _batches(self, ids_list: list[np.ndarray],
