@@ -26,3 +26,13 @@ def read_jsonl(path: Path) -> list[dict]:
 def run_phalanx(args: list[str], *, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "phalanx", "run", *args], capture_output=True,
                           text=True, timeout=timeout)
+
+
+def run_summary(args: list[str], run_dir: Path, *, timeout: float) -> dict:
+    """`phalanx run ARGS --run-dir RUN_DIR`, which must succeed: its summary.json, with the
+    run directory under "dir"."""
+    proc = run_phalanx([*args, "--run-dir", str(run_dir)], timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["dir"] = run_dir
+    return summary

@@ -12,11 +12,10 @@ random re-initialisation ends measurably worse.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl, run_phalanx
+from conftest import read_jsonl, run_phalanx, run_summary
 
 pytestmark = pytest.mark.e2e
 
@@ -28,12 +27,7 @@ KILL = "fault.inject=[{rank:0,step:50,kind:kill}]"
 
 
 def _run(tmp: Path, name: str, args: list[str]) -> dict:
-    d = tmp / name
-    proc = run_phalanx([*COMMON, *args, "--run-dir", str(d)], timeout=240)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    s = json.loads((d / "summary.json").read_text())
-    s["dir"] = d
-    return s
+    return run_summary([*COMMON, *args], tmp / name, timeout=240)
 
 
 def test_lost_end_stage_is_copied_from_its_partner_and_keeps_the_loss(tmp_path):

@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl, run_phalanx
+from conftest import read_jsonl, run_phalanx, run_summary
 
 pytestmark = pytest.mark.e2e
 
@@ -28,12 +28,7 @@ BASE = ["data=synthetic", "trainer=smoke", "trainer.eval_every=100",
 
 
 def run(tmp: Path, name: str, args: list[str]) -> dict:
-    d = tmp / name
-    proc = run_phalanx([*BASE, "trainer.steps=12", *args, "--run-dir", str(d)], timeout=180)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads((d / "summary.json").read_text())
-    summary["dir"] = d
-    return summary
+    return run_summary([*BASE, "trainer.steps=12", *args], tmp / name, timeout=180)
 
 
 def losses(s: dict) -> list[float]:

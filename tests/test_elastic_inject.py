@@ -15,11 +15,10 @@ file within its time budget on 2 cores.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from conftest import read_jsonl, run_phalanx
+from conftest import read_jsonl, run_summary
 
 from phalanx.config import ConfigError, validate
 from phalanx.launch.cli import compose_recipe
@@ -34,12 +33,8 @@ BASE = ["data=synthetic", "trainer=smoke", "trainer.eval_every=100", f"trainer.s
 
 
 def run(tmp: Path, name: str, args: list[str]) -> dict:
-    d = tmp / name
-    proc = run_phalanx([*BASE, *args, "--run-dir", str(d)], timeout=150)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads((d / "summary.json").read_text())
-    summary["dir"] = d
-    summary["events"] = read_jsonl(d / "events.jsonl")
+    summary = run_summary([*BASE, *args], tmp / name, timeout=150)
+    summary["events"] = read_jsonl(summary["dir"] / "events.jsonl")
     assert summary["status"] == "ok" and summary["steps"] == STEPS
     return summary
 
