@@ -532,6 +532,11 @@ def _enter_generation(run, plan, cp, *, rank, device, tokens, old, token, run_di
     elif kind not in ("fresh", "restart"):
         raise RuntimeError(f"recovery {kind} without a source")
     # "restart": nothing survived anywhere; the rebuilt trainer starts from step 0.
+    trainer.requeue = list(rec.get("requeue", []))  # a lost lowcomm replica's samples
+    newcomers = {int(k) for k in rec.get("sources", {})}
+    if getattr(trainer, "lowcomm", None) is not None and kind in ("replica", "grow") \
+            and rank in newcomers:
+        trainer.lowcomm.rejoin()  # from the global model, not the source's local one
     t_state = time.perf_counter()
     manager = _checkpoint_manager(run, trainer, report, rank=rank, world=plan.world_size,
                                   token=token, run_dir=run_dir, generation=generation,

@@ -159,6 +159,7 @@ class Controller:
         self.dir.write_plan(plan.to_json())
         self.full_plan = plan
         start_step = self._resolve_resume()
+        self.ledger = self._requeue_ledger(plan, corpus, start_step)
         store = self._open_store()
         self.store = store
         self.run_cp = ControlPlane(store, token=self.token, generation=RUN)
@@ -722,9 +723,13 @@ class Controller:
             self._report_skipped(recovery, gen)
         new_plan = dataclasses.replace(plan, generation=gen)
         self.dir.write_plan(new_plan.to_json())
+        record = recovery.record()
+        if self.ledger is not None:
+            record["requeue"] = self._requeue(recovery.kind, recovery.step, plan.layout,
+                                              lost_ranks | stateless, gen)
         cp = publish_generation(self.store, token=self.token, generation=gen,
                                 config=self.run.to_dict(), plan_json=new_plan.to_json(),
-                                recovery=recovery.record())
+                                recovery=record)
         self.committer = Committer(self._own_connection(gen),
                                    ranks=[m.rank for m in new_plan.members],
                                    first_step=recovery.step)
@@ -752,6 +757,45 @@ class Controller:
         if recovery.step < next_step:
             console.set_completed(recovery.step)
         return cp, new_plan, recovery.step
+
+    # -- a lost low-communication replica's samples (parallel/lowcomm/requeue.py) ----------
+    def _requeue_ledger(self, plan: Plan, corpus: dict[str, Any], start: int) -> Any:
+        if self.run.lowcomm.method == "none":
+            return None
+        from phalanx.data.dataset import TokenWindows, train_val_split
+        from phalanx.data.sampler import GlobalBatchSampler
+        from phalanx.parallel.lowcomm.requeue import Ledger
+
+        t = self.run.trainer
+        (a, b), _ = train_val_split(int(corpus["num_tokens"]), self.run.data.val_fraction,
+                                    t.seq_len)
+        # The workers' sampler over the same training windows (only its length is needed).
+        n = len(TokenWindows(range(b), t.seq_len, start=a, stop=b))
+        ledger = Ledger(self.run.lowcomm, sampler=GlobalBatchSampler(n, t.global_batch, t.seed),
+                        replicas=plan.layout.dp_replicate,
+                        micro_batch_size=self.run.parallel.micro_batch_size,
+                        deals=plan.schedule is None)
+        ledger.history[0]["start"] = start
+        return ledger
+
+    def _requeue(self, kind: str, step: int, layout: Any, lost: set[int],
+                 generation: int) -> list[dict[str, Any]]:
+        """The entries the next generation deals: after a replica recovery the lost
+        replicas' windows are added; after a rollback, the list as it was at that step."""
+        r = layout.dp_replicate
+        if kind != "replica":
+            return self.ledger.roll_back(step=step, replicas=r)
+        gone = sorted({layout.coords(x)["dp_replicate"] for x in lost})
+        return self._requeue_windows(step=step, lost=gone, replicas=r, generation=generation,
+                                     back={d: None if d in gone else d for d in range(r)})
+
+    def _requeue_windows(self, *, step: int, lost: list[int], back: dict[int, int | None],
+                         replicas: int, generation: int) -> list[dict[str, Any]]:
+        entries, windows = self.ledger.continue_with(step=step, lost=lost, back=back,
+                                                     replicas=replicas)
+        for w in windows:
+            self.dir.event("requeue", generation=generation, **w)
+        return entries
 
     def _stateless(self, lost: set[int]) -> set[int]:
         """Live members whose state the current generation's recovery had not delivered yet
@@ -870,8 +914,13 @@ class Controller:
             if w.rank not in lost and w.rank not in renumber:
                 self._fence(w)
         self.workers = [w for w in self.workers if w.rank in renumber]
-        cp = self._new_generation(new_plan, self._run_for_replicas(len(kept)),
-                                  {"kind": "shrink", "step": committed}, renumber)
+        record: dict[str, Any] = {"kind": "shrink", "step": committed}
+        if self.ledger is not None:  # the replicas that left: their windows re-queued
+            gone = [d for d in range(plan.layout.dp_replicate) if d not in kept]
+            record["requeue"] = self._requeue_windows(
+                step=committed, lost=gone, back=dict(enumerate(kept)), replicas=len(kept),
+                generation=new_plan.generation)
+        cp = self._new_generation(new_plan, self._run_for_replicas(len(kept)), record, renumber)
         f = self.run.fault
         self._grow_at = committed + f.grow_after_steps if f.grow_after_steps else None
         injected = [i for i in self.injected if i["rank"] in lost and "at" in i]
@@ -897,11 +946,17 @@ class Controller:
         committed = self.committer.committed + 1
         full = dataclasses.replace(self.full_plan, generation=plan.generation + 1)
         have = plan.world_size
-        cp = self._new_generation(full, self.full_run,
-                                  {"kind": "grow", "step": committed,
-                                   "sources": {str(r): replica_source(full.layout, r,
-                                                                      set(range(have)))
-                                               for r in range(have, full.world_size)}},
+        record: dict[str, Any] = {
+            "kind": "grow", "step": committed,
+            "sources": {str(r): replica_source(full.layout, r, set(range(have)))
+                        for r in range(have, full.world_size)}}
+        if self.ledger is not None:  # newcomers start from the global model
+            old_r = plan.layout.dp_replicate
+            record["requeue"] = self._requeue_windows(
+                step=committed, lost=[], replicas=full.layout.dp_replicate,
+                back={d: d if d < old_r else None for d in range(full.layout.dp_replicate)},
+                generation=full.generation)
+        cp = self._new_generation(full, self.full_run, record,
                                   {r: r for r in range(full.world_size)})
         self._spawn(full, self.store.port, [m for m in full.members if m.rank >= have],
                     replacement=True)

@@ -99,8 +99,14 @@ class DataParallelTrainer(TrainerBase):
         t0 = time.perf_counter()
         mbs = self.sampler.micro_batches(step, self.dp_rank, self.dp_size,
                                          self.run.parallel.micro_batch_size)
+        regular = len(mbs)
         self.optimizer.zero_grad(set_to_none=True)
         scale = self.dp_size / self.global_tokens
+        if self.requeue:  # a lost replica's re-queued samples (lowcomm/requeue.py)
+            from phalanx.parallel.lowcomm.requeue import extra_micro_batches
+
+            mbs = mbs + extra_micro_batches(self.requeue, step, self.dp_rank)
+            scale = 1.0 / (sum(len(m) for m in mbs) * self.run.trainer.seq_len)
         loss_acc = torch.zeros((), dtype=torch.float64)
         for i, ids in enumerate(mbs):
             x, y = self.train_windows.batch(ids)
@@ -111,7 +117,8 @@ class DataParallelTrainer(TrainerBase):
             with sync:
                 loss_sum = self._loss_sum(self.ddp, x, y)
                 (loss_sum * scale).backward()
-            loss_acc += loss_sum.detach().double().cpu()
+            if i < regular:  # the step's loss is its global batch's
+                loss_acc += loss_sum.detach().double().cpu()
         clip = self.run.trainer.grad_clip if self.run.trainer.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         loss, skipped, stop = self._agree(loss_acc.item(), bool(torch.isfinite(grad_norm)),

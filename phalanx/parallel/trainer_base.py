@@ -62,6 +62,9 @@ class TrainerBase:
         self.val_windows = TokenWindows(tokens, t.seq_len, start=va0, stop=va1)
         self.sampler = GlobalBatchSampler(len(self.train_windows), t.global_batch, t.seed)
         self.global_tokens = t.global_batch * t.seq_len
+        # Re-queued samples of a lost low-communication replica (set by the worker from the
+        # recovery record; lowcomm/requeue.py). Only the data-parallel trainer deals them.
+        self.requeue: list[dict] = []
         self.compute_dtype = DTYPES[run.precision.compute]
 
     def _autocast(self) -> contextlib.AbstractContextManager:

@@ -7,12 +7,14 @@ contract; each method is one short file. Recipe keys: `lowcomm.*` (phalanx/confi
 
 Failures. The outer state is part of the trainer's state (lowcomm/... in
 phalanx/checkpoint/state.py): survivors keep it, a replacement gets it from a live replica
-with the rest of that replica's state, checkpoints hold it. What the lost replica learned
-since the last outer step dies with it -- its replacement continues from the peer's local
-model and inner optimizer, and the samples the lost replica consumed in that round are not
-re-queued (not exactly-once yet). An exchange in flight when a generation ends is abandoned
-with the old groups (waits on it give up with the generation; Streaming DiLoCo redoes that
-fragment's exchange, without overlap, at its sync step).
+with the rest of that replica's state, checkpoints hold it. A replacement (or a replica
+the run grows by) then starts from the global model, not from its source's local one
+(`OuterOptimizer.rejoin`). What the lost replica learned since its work last reached the
+global model dies with it; the samples it consumed in that window are re-queued to the
+next generation's replicas, keeping exactly-once (requeue.py says how, per method). An
+exchange in flight when a generation ends is abandoned with the old groups (waits on it
+give up with the generation, so an outer step never waits on a dead replica; Streaming
+DiLoCo redoes that fragment's exchange, without overlap, at its sync step).
 """
 
 from __future__ import annotations

@@ -58,6 +58,15 @@ class OuterOptimizer:
     def after_inner_step(self, step: int, *, final: bool = False) -> None:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def rejoin(self) -> None:
+        """A newcomer (a lost replica's replacement, or a replica the run grows by) has its
+        source replica's state, local model included; it starts from the global model
+        instead, so that the source's drift since the last outer step is not counted twice
+        at the next one (its samples are re-queued: lowcomm/requeue.py)."""
+        for p, g in zip(self.params, self.global_params, strict=True):
+            p.copy_(g)
+
     def take_metrics(self) -> dict[str, Any]:
         return self.link.take_step()
 

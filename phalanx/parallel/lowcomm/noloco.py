@@ -78,6 +78,13 @@ class NoLoCo(OuterOptimizer):
         for p, v in zip(self.params, unflat(self.phi, self.params), strict=True):
             p.copy_(v)
 
+    @torch.no_grad()
+    def rejoin(self) -> None:
+        # No global model: the newcomer takes its source's outer weights (as of its last
+        # gossip round), which the transfer brought along with the outer momentum.
+        for p, v in zip(self.params, unflat(self.phi, self.params), strict=True):
+            p.copy_(v)
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {**self._like_params("phi", unflat(self.phi, self.params)),
                 **self._like_params("delta", unflat(self.delta, self.params))}
