@@ -285,6 +285,10 @@ class LowCommConfig:
     # from trainer.seed and the outer step), pulled together by local_averaging (gamma).
     group_size: int = 2
     local_averaging: float = 0.7
+    # NoLoCo with pipeline parallelism: every step, each micro-batch leaves each stage for the
+    # next stage of a random replica (a permutation drawn from trainer.seed, step, micro-batch
+    # and stage; phalanx/parallel/lowcomm/routing.py). Activations then cross replicas.
+    route_microbatches: bool = False
 
 
 @dataclass
@@ -361,6 +365,10 @@ def _validate_lowcomm(run: RunConfig) -> None:
     methods = ("none", "diloco", "streaming_diloco", "noloco")
     _require(lc.method in methods,
              f"lowcomm.method={lc.method!r}: choose one of {', '.join(methods)}.")
+    _require(not lc.route_microbatches or lc.method == "noloco",
+             f"lowcomm.route_microbatches=true with lowcomm.method={lc.method}: random routing "
+             "of micro-batches between pipeline replicas is NoLoCo's; set lowcomm.method=noloco "
+             "or lowcomm.route_microbatches=false.")
     if lc.method == "none":
         return
     _require(lc.sync_every >= 1, f"lowcomm.sync_every={lc.sync_every} must be >= 1.")
@@ -397,6 +405,10 @@ def _validate_lowcomm(run: RunConfig) -> None:
                  "(replicas to average with); use lowcomm.method=diloco for one replica.")
         _require(0.0 <= lc.local_averaging <= 1.0,
                  f"lowcomm.local_averaging={lc.local_averaging} must be in [0, 1].")
+        _require(not lc.route_microbatches or p.pp >= 2,
+                 f"lowcomm.route_microbatches=true with parallel.pp={p.pp}: it routes "
+                 "micro-batches between replicas of the next pipeline stage; set parallel.pp>=2 "
+                 "or lowcomm.route_microbatches=false.")
 
 
 def validate(cfg: DictConfig | RunConfig) -> RunConfig:

@@ -176,10 +176,20 @@ class PipelineTrainer(TrainerBase):
         # lowcomm: no sum over replicas follows, so each replica's gradient is its own
         # tokens' mean (dp x token sum / global tokens), as the data-parallel trainer's.
         lowcomm_scale = self.dp_size if run.lowcomm.method != "none" else 1
+        # NoLoCo's lowcomm.route_microbatches: each micro-batch goes on to the next stage of a
+        # random replica (lowcomm/routing.py); the schedule and the gradient scale stay as they
+        # are. Training only: evaluation runs each replica's own pipeline.
+        self.router = None
+        if run.lowcomm.route_microbatches:
+            from phalanx.parallel.lowcomm.routing import MicrobatchRouter, routing_group
+
+            self.router = MicrobatchRouter(schedule=self.schedule, layout=layout, rank=rank,
+                                           seed=t.seed, group=routing_group(layout, rank))
+        self._activation_bytes = math.prod(shape) * 4  # fp32, both directions
         self.runtime = PipelineRuntime(actions=lowered[self.pp_rank],
                                        loss_scale=lowcomm_scale / self.global_tokens,
                                        hooks={**gathers, "REDUCE_GRAD": self._reduce_stage},
-                                       **common)
+                                       router=self.router, **common)
         self.eval_runtime = PipelineRuntime(
             actions=forward_only_actions(self.eval_schedule, self.pp_rank), loss_scale=1.0,
             hooks=gathers, **{**common, "schedule": self.eval_schedule})
@@ -283,15 +293,37 @@ class PipelineTrainer(TrainerBase):
             ys.append(y)
         return xs, ys
 
+    def _routed_targets(self, step: int) -> list[torch.Tensor]:
+        """Targets for routed micro-batches: micro-batch k's loss is computed against the
+        targets of the replica it started from (the same data shard coordinate, its dp rank);
+        only the ranks holding a route's last stage use them."""
+        assert self.router is not None
+        coords, size, ys = self.layout.coords(self.rank), self.run.parallel.micro_batch_size, []
+        theirs: dict[int, list[np.ndarray]] = {}
+        for k in range(self.schedule.n_microbatches):
+            o = self.router.origin(k)
+            if o not in theirs:
+                dp_rank = self.layout.dp_rank(self.layout.rank_of(**{**coords, "dp_replicate": o}))
+                theirs[o] = self.sampler.micro_batches(step, dp_rank, self.dp_size, size)
+            ys.append(self.train_windows.batch(theirs[o][k])[1])
+        return ys
+
     def train_step(self, step: int, *, stop_requested: bool = False) -> StepResult:
         t0 = time.perf_counter()
         mbs = self.sampler.micro_batches(step, self.dp_rank, self.dp_size,
                                          self.run.parallel.micro_batch_size)
         xs, ys = self._batches(mbs, self.train_windows)
+        if self.router is not None:
+            self.router.step = step
+            ys = self._routed_targets(step)
         self.optimizer.zero_grad(set_to_none=True)
         for z in self.zero.values():
             z.begin_step()
         out = self.runtime.step(xs, ys)
+        if self.router is not None and self.lowcomm is not None:
+            # Activations and gradients that left this replica crossed the slow link too.
+            self.lowcomm.link.count_p2p(
+                self.router.sends_out(self.runtime.actions) * self._activation_bytes)
         self.last_events = out.events
         self._finish_reductions()
         self._sum_mirror_grads()

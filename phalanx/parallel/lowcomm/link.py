@@ -23,6 +23,9 @@ size (measured with /proc/self/io on a 2- and a 4-rank world: the same to within
 headers). `blocked_s` is the time the training thread spent waiting for an exchange;
 `peak_sync_bytes` the most one exchange sent. The step's small agreement all-reduce (loss,
 finiteness, stop: 24 bytes, which every method including plain DDP pays) is not counted.
+NoLoCo's routed micro-batches (routing.py) add each step the activations and gradients a
+pipeline rank sent to another replica (`count_p2p`: bytes, not syncs); the time a rank waits
+for them is the pipeline's, not `blocked_s`.
 """
 
 from __future__ import annotations
@@ -110,6 +113,13 @@ class Link:
     def _count(self, *, sent: int, payload: int) -> None:
         self.total.add(sent=sent, payload=payload)
         self.step.add(sent=sent, payload=payload)
+
+    def count_p2p(self, nbytes: int) -> None:
+        """Bytes sent point to point to other replicas outside any exchange (NoLoCo's routed
+        micro-batches: activations and their gradients); counted as sent, not as a sync."""
+        for s in (self.total, self.step):
+            s.bytes_sent += nbytes
+            s.payload_bytes += nbytes
 
     def note_blocked(self, seconds: float) -> None:
         self.total.blocked_s += seconds

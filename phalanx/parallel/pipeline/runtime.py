@@ -17,6 +17,10 @@ Contract with lowering (checked by the simulator before anything runs):
   `RECV_B s k` receives the gradient of stage s's output, `SEND_B s k` sends
   the gradient of stage s's input. Stages on the same rank hand tensors over
   in memory, without actions.
+
+With a `router` (NoLoCo's lowcomm.route_microbatches) the other end of a SEND/RECV is the
+router's choice of replica for this step, over the router's group; the actions, and so the
+timing, are the same.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -36,6 +41,9 @@ from phalanx.parallel.pipeline.actions import Action
 from phalanx.parallel.pipeline.lowering import peer
 from phalanx.parallel.pipeline.schedules import Schedule
 from phalanx.parallel.pipeline.simulator import Event
+
+if TYPE_CHECKING:
+    from phalanx.parallel.lowcomm.routing import MicrobatchRouter
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -59,16 +67,25 @@ class PipelineRuntime:
                  pp_group: dist.ProcessGroup | None, activation: Callable[[int], tuple],
                  loss_fn: LossFn, loss_scale: float, device: torch.device,
                  autocast: Callable[[], contextlib.AbstractContextManager],
-                 hooks: Mapping[str, Callable[[int], None]] | None = None) -> None:
+                 hooks: Mapping[str, Callable[[int], None]] | None = None,
+                 router: MicrobatchRouter | None = None) -> None:
         """`pp_ranks[r]` is the global rank of pipeline rank r in this rank's pipeline;
         `activation(stage)` gives (shape, dtype) of the hidden states entering `stage`;
         `hooks` run the lowering's UNSHARD / RESHARD / REDUCE_GRAD actions for a stage (the
-        data-parallel reduction and ZeRO's gathers live with the trainer, not here)."""
+        data-parallel reduction and ZeRO's gathers live with the trainer, not here);
+        `router` sends micro-batches to other replicas' pipelines (its step set by the caller)."""
         self.schedule, self.pp_rank, self.actions = schedule, pp_rank, list(actions)
         self.stages, self.pp_ranks, self.group = stages, list(pp_ranks), pp_group
         self.activation, self.loss_fn, self.loss_scale = activation, loss_fn, loss_scale
         self.device, self.autocast = device, autocast
         self.hooks = dict(hooks or {})
+        self.router = router
+
+    def _peer(self, a: Action) -> tuple[int, dist.ProcessGroup | None]:
+        """(global rank, group) of the other end of SEND/RECV action `a`."""
+        if self.router is not None:
+            return self.router.peer_rank(a), self.router.group
+        return self.pp_ranks[peer(self.schedule, a)], self.group
 
     def _route_neighbours(self, stage: int, mb: int) -> tuple[int | None, int | None]:
         route = self.schedule.routes[mb]
@@ -104,12 +121,12 @@ class PipelineRuntime:
                 if a.kind.startswith("SEND"):
                     direction = 0 if a.kind == "SEND_F" else 1
                     to_stage = nxt if direction == 0 else prev
-                    ops.append(dist.P2POp(dist.isend, buf, self.pp_ranks[peer(self.schedule, a)],
-                                          self.group, _tag(direction, to_stage, a.mb, n_stages)))
+                    ops.append(dist.P2POp(dist.isend, buf, *self._peer(a),
+                                          _tag(direction, to_stage, a.mb, n_stages)))
                 else:
                     direction = 0 if a.kind == "RECV_F" else 1
-                    ops.append(dist.P2POp(dist.irecv, buf, self.pp_ranks[peer(self.schedule, a)],
-                                          self.group, _tag(direction, a.stage, a.mb, n_stages)))
+                    ops.append(dist.P2POp(dist.irecv, buf, *self._peer(a),
+                                          _tag(direction, a.stage, a.mb, n_stages)))
             for (a, buf), work in zip(pending, dist.batch_isend_irecv(ops), strict=True):
                 if a.kind.startswith("SEND"):
                     sends.append((work, buf))
