@@ -31,6 +31,10 @@ def test_figures_from_runs():
     figs, _ = figures(runs, {"ddp": slow, "streaming": runs["streaming"]})
     assert figs["time_to_loss_speedup_100mbit"] == pytest.approx(2.0)
     assert "lowcomm" in BENCHES
+    # The reference runs, when present, get their gaps (context, not goals).
+    figs, best2 = figures({**runs, "alone": dict(runs["noloco"], final_val_loss=3.3)}, None)
+    assert figs["loss_gap_alone"] == pytest.approx(0.1) and best2 == best
+    assert "loss_gap_diloco_h1" not in figs
 
 
 @pytest.mark.skipif(netns_unavailable() is not None, reason=str(netns_unavailable()))

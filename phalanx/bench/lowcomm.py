@@ -10,6 +10,9 @@ byte between replicas crosses the slow link), seq 128, global batch 16, for the 
     streaming           Streaming DiLoCo, P = 4 fragments, tau = 2 overlap steps, fp4, H = 20
     noloco              NoLoCo, H = 20, groups of 2
 
+Two reference runs go with them (`context`): `alone`, one replica with no link (what each
+replica reaches by itself), and `diloco_h1`, replicas averaged after every step.
+
 Per method it records the loss curve (train loss per step, held-out loss at the end), the
 bytes each worker sent to the others -- counted by the outer optimizer's link (DDP: its ring
 all-reduce of the fp32 gradient, 2(M-1)/M x 4N bytes a step) and measured (bytes the process
@@ -42,7 +45,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -67,11 +70,13 @@ class Case:
     overlap_steps: int = 2
     link_mbit: float = 100.0
     emulate: bool = True
+    context: bool = True  # the two reference runs (`context`), not needed for the figures
     timeout_s: float = 1800.0
 
 
 FULL = Case(steps=600)
-QUICK = Case(steps=80, sync_every=16, diloco_fast=8, fragments=4, overlap_steps=1)
+QUICK = Case(steps=80, sync_every=16, diloco_fast=8, fragments=4, overlap_steps=1,
+             context=False)
 
 
 def methods(case: Case) -> dict[str, list[str]]:
@@ -87,6 +92,18 @@ def methods(case: Case) -> dict[str, list[str]]:
     }
 
 
+def context(case: Case) -> dict[str, tuple[Case, list[str]]]:
+    """Two reference points that bracket what averaging replicas can do here: `alone`, one
+    replica training on its share of each batch with no link at all (global batch / M, the
+    same steps: what each replica reaches by itself), and `diloco_h1`, the replicas averaged
+    after every inner step (outer lr 1, no momentum, fp32: DDP's bytes), where the only cost
+    left is that each replica's AdamW normalises its own gradient."""
+    alone = replace(case, replicas=1, global_batch=case.global_batch // case.replicas)
+    return {"alone": (alone, ["lowcomm=none"]),
+            "diloco_h1": (case, ["lowcomm=diloco", "lowcomm.sync_every=1",
+                                 "lowcomm.outer_lr=1.0", "lowcomm.outer_momentum=0"])}
+
+
 def _recipe(case: Case, overrides: list[str]) -> dict[str, Any]:
     from phalanx.config import validate
     from phalanx.launch.cli import compose_recipe
@@ -94,7 +111,8 @@ def _recipe(case: Case, overrides: list[str]) -> dict[str, Any]:
     run = validate(compose_recipe([
         f"model={case.model}", "data=stdlib", f"trainer.seq_len={case.seq_len}",
         f"trainer.global_batch={case.global_batch}", f"trainer.steps={case.steps}",
-        f"trainer.eval_every={case.steps}", "trainer.eval_batches=2",
+        # Held-out loss on 32 sequences, whatever the global batch.
+        f"trainer.eval_every={case.steps}", f"trainer.eval_batches={max(1, 32 // case.global_batch)}",
         f"parallel.micro_batch_size={case.global_batch // case.replicas}",
         "--nproc-per-node", str(case.replicas), *overrides]))
     return run.to_dict()
@@ -258,6 +276,9 @@ def figures(runs: dict[str, dict[str, Any]], emulated: dict[str, dict[str, Any]]
         gaps[label] = runs[label]["final_val_loss"] / ddp["final_val_loss"] - 1
         figs[f"bytes_reduction_{key}"] = reductions[label]
         figs[f"loss_gap_{key}"] = gaps[label]
+    for label in ("alone", "diloco_h1"):  # context: not goals
+        if label in runs:
+            figs[f"loss_gap_{label}"] = runs[label]["final_val_loss"] / ddp["final_val_loss"] - 1
     figs["peak_ratio_streaming"] = (runs["streaming"]["peak_bytes_per_sync"]
                                     / runs["diloco"]["peak_bytes_per_sync"])
     close = [m for m in reductions if gaps[m] <= 0.05]
@@ -273,6 +294,8 @@ def figures(runs: dict[str, dict[str, Any]], emulated: dict[str, dict[str, Any]]
 
 def bench(case: Case, *, quick: bool) -> dict[str, Any]:
     runs = {label: run_method(case, label, ov) for label, ov in methods(case).items()}
+    if case.context:
+        runs.update({label: run_method(c, label, ov) for label, (c, ov) in context(case).items()})
     emulated, why = None, netns_unavailable() if case.emulate else "off for this case"
     best = figures(runs, None)[1]
     if why is None:
@@ -318,7 +341,8 @@ def write_extras(doc: dict[str, Any], out: str | Path) -> Path | None:
         for b in r["bytes_per_step"]:
             total += b
             cum.append(total / 1e6)
-        ax2.plot(tokens, cum, label=r["label"], lw=1.2)
+        if total:  # `alone` sends nothing
+            ax2.plot(tokens, cum, label=r["label"], lw=1.2)
     ax1.set(xlabel="tokens", ylabel="train loss (mean of 10 steps)", title="loss vs tokens")
     ax2.set(xlabel="tokens", ylabel="MB sent per worker (cumulative)", yscale="log",
             title="bytes on the slow link")
