@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -421,8 +422,9 @@ def main() -> int:
         else:
             carried = old_trainer
         trainer = manager = None
-        _abandon_groups()
-        gc.collect()
+        release = _abandon_groups()
+        gc.collect()  # the old trainer's cycles: the groups themselves outlive it, in `release`
+        release()
         log.warning("generation %d ended at step %d (%s): %s", generation, state["step"] + 1,
                     during, why)
         report({"event": "generation_left", "generation": generation,
@@ -457,21 +459,35 @@ def main() -> int:
     return 0
 
 
-def _abandon_groups() -> None:
+def _abandon_groups() -> Callable[[], None]:
     """Forget every process group without calling its shutdown (DESIGN.md: abandon, not
     destroy_process_group, whose teardown can block on a group whose peer vanished). What
-    `destroy_process_group` resets, minus the shutdown; once nothing else refers to the
-    groups their destructors close the connections. The group counter restarts so the next
-    generation's group names match those of a freshly started replacement."""
+    `destroy_process_group` resets, minus the shutdown. The group counter restarts so the
+    next generation's group names match those of a freshly started replacement.
+
+    Returns `release`, to call once the old trainer is collected: it drops the groups on a
+    thread of their own, where their destructors close the connections (which releases
+    peers blocked on a receive from this rank: gloo cannot cancel one). A gloo group's
+    destructor first waits for its operations in flight, and a receive whose sender is
+    still inside its own group's destructor only ends at the collective timeout: two ranks
+    that both left with a receive posted would otherwise hold each other in the garbage
+    collector for minutes instead of joining the next generation (seen in the shrink/grow
+    test). The worker ends with os._exit, so a destructor still waiting then is moot."""
     import torch.distributed.distributed_c10d as c10d
 
     w = c10d._world
+    groups = [pg for pg in (*w.pg_map, c10d.GroupMember.WORLD) if pg is not None]
     c10d._update_default_pg(None)
     for table in (w.pg_map, w.pg_names, w.pg_group_ranks, w.pg_backend_config, w.pg_to_tag,
                   w.tags_to_pg, w.pg_coalesce_state):
         table.clear()
     c10d._unregister_all_process_groups()
     w.group_count = 0
+
+    def release() -> None:
+        threading.Thread(target=groups.clear, name="phalanx-drop-groups", daemon=True).start()
+
+    return release
 
 
 def _memory_of(manager) -> dict:

@@ -262,16 +262,26 @@ class Controller:
             self.dir.event("spare_start", spare=sid, pid=proc.pid)
 
     def _take_spare(self, m: Any, generation: int) -> _Worker | None:
-        """A ready spare becomes rank m.rank of `generation`, or None (none ready)."""
-        for i, (sid, proc, log_path) in enumerate(self.spares):
-            if proc.poll() is None and self.run_cp.get(f"spare_ready/{sid}") is not None:
-                del self.spares[i]
-                self.run_cp.set(f"spare/{sid}", {"rank": m.rank, "local_rank": m.local_rank,
-                                                 "generation": generation})
-                self.dir.event("worker_start", rank=m.rank, pid=proc.pid, generation=generation,
-                               spare=sid)
-                return _Worker(rank=m.rank, proc=proc, log_path=log_path, hb_seen=time.monotonic())
-        return None
+        """A ready spare becomes rank m.rank of `generation`, or None (none alive). A spare
+        still starting (a failure early in the run) is further along than a process started
+        now: wait for it, up to fault.startup_timeout_s."""
+        alive = [i for i, (_, proc, _) in enumerate(self.spares) if proc.poll() is None]
+        ready = [i for i in alive if self.run_cp.get(f"spare_ready/{self.spares[i][0]}")]
+        if not alive:
+            return None
+        i = (ready or alive)[0]
+        sid, proc, log_path = self.spares[i]
+        deadline = time.monotonic() + self.run.fault.startup_timeout_s
+        while not ready and self.run_cp.get(f"spare_ready/{sid}") is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return None
+            time.sleep(0.02)
+        del self.spares[i]
+        self.run_cp.set(f"spare/{sid}", {"rank": m.rank, "local_rank": m.local_rank,
+                                         "generation": generation})
+        self.dir.event("worker_start", rank=m.rank, pid=proc.pid, generation=generation,
+                       spare=sid)
+        return _Worker(rank=m.rank, proc=proc, log_path=log_path, hb_seen=time.monotonic())
 
     def _spawn(self, plan: Plan, port: int, members: list, *, replacement: bool = False) -> None:
         for m in members:
