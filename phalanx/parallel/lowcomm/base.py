@@ -64,6 +64,10 @@ class OuterOptimizer:
         source replica's state, local model included; it starts from the global model
         instead, so that the source's drift since the last outer step is not counted twice
         at the next one (its samples are re-queued: lowcomm/requeue.py)."""
+        self._take_global()
+
+    def _take_global(self) -> None:
+        """The local model becomes the outer (global) one, as after an outer step."""
         for p, g in zip(self.params, self.global_params, strict=True):
             p.copy_(g)
 

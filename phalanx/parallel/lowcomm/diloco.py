@@ -47,8 +47,7 @@ class DiLoCo(OuterOptimizer):
             g.grad = d
         self.outer.step()
         self.outer.zero_grad(set_to_none=True)
-        for p, g in zip(self.params, self.global_params, strict=True):
-            p.copy_(g)
+        self._take_global()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return self._global_state(self.global_params, self.outer)

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from phalanx.kernels.quant import Quantized, dequantize, payload_bytes, quantize
 from phalanx.parallel import waits
 
-__all__ = ["Link", "LinkStats", "Pending", "replica_link"]
+__all__ = ["Link", "LinkStats", "Pending", "axis_group", "replica_link"]
 
 
 @dataclass
@@ -234,12 +234,17 @@ class Link:
 
 def replica_link(layout: Any, rank: int) -> Link:
     """A fresh group per set of replicas (ranks equal in every coordinate but dp_replicate).
+    Collective, as `axis_group`."""
+    return Link(axis_group(layout, rank, ("dp_replicate",)))
 
-    Collective: every rank of the world calls it, in the same order, and creates every
-    such group (torch's new_group contract); each keeps its own."""
+
+def axis_group(layout: Any, rank: int, axes: tuple[str, ...]) -> dist.ProcessGroup:
+    """This rank's group among fresh ones made for every set of ranks equal in every layout
+    coordinate but `axes`. Collective: every rank of the world calls it, in the same order,
+    and creates every such group (torch's new_group contract); each keeps its own."""
     seen: list[tuple[int, ...]] = []
     for r in range(layout.world_size):
-        ranks = tuple(layout.group_ranks(r, ("dp_replicate",)))
+        ranks = tuple(layout.group_ranks(r, axes))
         if ranks not in seen:
             seen.append(ranks)
     mine = None
@@ -247,4 +252,5 @@ def replica_link(layout: Any, rank: int) -> Link:
         g = dist.new_group(list(ranks))
         if rank in ranks:
             mine = g
-    return Link(mine)
+    assert mine is not None
+    return mine

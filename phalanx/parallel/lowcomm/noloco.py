@@ -75,13 +75,11 @@ class NoLoCo(OuterOptimizer):
         new_phi = (1.0 - self.gamma) * self.phi + self.alpha * self.delta + mean_u
         self.delta.copy_(new_phi - self.phi)  # in place: the state hands out views
         self.phi.copy_(new_phi)
-        for p, v in zip(self.params, unflat(self.phi, self.params), strict=True):
-            p.copy_(v)
+        self._take_global()
 
-    @torch.no_grad()
-    def rejoin(self) -> None:
-        # No global model: the newcomer takes its source's outer weights (as of its last
-        # gossip round), which the transfer brought along with the outer momentum.
+    def _take_global(self) -> None:
+        # No global model: a replica's own outer weights (a newcomer's are its source's, as
+        # of that replica's last gossip round; the transfer brought them with the momentum).
         for p, v in zip(self.params, unflat(self.phi, self.params), strict=True):
             p.copy_(v)
 

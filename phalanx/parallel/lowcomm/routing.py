@@ -23,6 +23,7 @@ from functools import lru_cache
 import numpy as np
 import torch.distributed as dist
 
+from phalanx.parallel.lowcomm.link import axis_group
 from phalanx.parallel.mesh import Layout
 from phalanx.parallel.pipeline.actions import Action
 from phalanx.parallel.pipeline.lowering import peer
@@ -93,16 +94,5 @@ class MicrobatchRouter:
 
 def routing_group(layout: Layout, rank: int) -> dist.ProcessGroup:
     """One group per set of ranks equal in every coordinate but dp_replicate and pp; this
-    rank's. Collective: every rank calls it, in the same order (torch's new_group contract)."""
-    seen: list[tuple[int, ...]] = []
-    for r in range(layout.world_size):
-        ranks = tuple(layout.group_ranks(r, ("dp_replicate", "pp")))
-        if ranks not in seen:
-            seen.append(ranks)
-    mine = None
-    for ranks in seen:
-        g = dist.new_group(list(ranks))
-        if rank in ranks:
-            mine = g
-    assert mine is not None
-    return mine
+    rank's. Collective (link.axis_group)."""
+    return axis_group(layout, rank, ("dp_replicate", "pp"))
