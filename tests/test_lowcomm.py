@@ -389,12 +389,10 @@ def test_diloco_survives_a_killed_replica(diloco_dp2, tmp_path):
 
 
 def _sampler(run):
-    from phalanx.data.dataset import TokenWindows, train_val_split
+    from phalanx.data.dataset import train_samples
     from phalanx.data.sampler import GlobalBatchSampler
     from phalanx.orchestrator.corpus import prepare_corpus
 
     t = run.trainer
-    n = prepare_corpus(run).num_tokens
-    (a, b), _ = train_val_split(n, run.data.val_fraction, t.seq_len)
-    return GlobalBatchSampler(len(TokenWindows(range(b), t.seq_len, start=a, stop=b)),
-                              t.global_batch, t.seed)
+    n = train_samples(prepare_corpus(run).num_tokens, run.data.val_fraction, t.seq_len)
+    return GlobalBatchSampler(n, t.global_batch, t.seed)

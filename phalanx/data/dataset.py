@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["TokenWindows", "train_val_split"]
+__all__ = ["TokenWindows", "train_samples", "train_val_split"]
 
 
 class TokenWindows:
@@ -100,3 +100,10 @@ def train_val_split(
                 "use a larger corpus, a shorter seq_len, or adjust val_fraction"
             )
     return (0, split), (split, num_tokens)
+
+
+def train_samples(num_tokens: int, val_fraction: float, seq_len: int) -> int:
+    """How many training windows a stream of ``num_tokens`` has (``len`` of the trainers'
+    training ``TokenWindows``), for sampling without the tokens at hand (the controller)."""
+    (a, b), _ = train_val_split(num_tokens, val_fraction, seq_len)
+    return len(TokenWindows(range(b), seq_len, start=a, stop=b))  # only the length is read

@@ -772,21 +772,17 @@ class Controller:
     def _requeue_ledger(self, plan: Plan, corpus: dict[str, Any], start: int) -> Any:
         if self.run.lowcomm.method == "none":
             return None
-        from phalanx.data.dataset import TokenWindows, train_val_split
+        from phalanx.data.dataset import train_samples
         from phalanx.data.sampler import GlobalBatchSampler
         from phalanx.parallel.lowcomm.requeue import Ledger
 
         t = self.run.trainer
-        (a, b), _ = train_val_split(int(corpus["num_tokens"]), self.run.data.val_fraction,
-                                    t.seq_len)
-        # The workers' sampler over the same training windows (only its length is needed).
-        n = len(TokenWindows(range(b), t.seq_len, start=a, stop=b))
-        ledger = Ledger(self.run.lowcomm, sampler=GlobalBatchSampler(n, t.global_batch, t.seed),
-                        replicas=plan.layout.dp_replicate,
-                        micro_batch_size=self.run.parallel.micro_batch_size,
-                        deals=plan.schedule is None)
-        ledger.history[0]["start"] = start
-        return ledger
+        # The workers' sampler over the same training windows.
+        n = train_samples(int(corpus["num_tokens"]), self.run.data.val_fraction, t.seq_len)
+        return Ledger(self.run.lowcomm, sampler=GlobalBatchSampler(n, t.global_batch, t.seed),
+                      replicas=plan.layout.dp_replicate,
+                      micro_batch_size=self.run.parallel.micro_batch_size,
+                      deals=plan.schedule is None, start=start)
 
     def _requeue(self, kind: str, step: int, layout: Any, lost: set[int],
                  generation: int) -> list[dict[str, Any]]:

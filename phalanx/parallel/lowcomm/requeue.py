@@ -99,10 +99,10 @@ class Ledger:
     rolled-back state, so its window cannot reach further back)."""
 
     def __init__(self, lowcomm: Any, *, sampler: Any, replicas: int, micro_batch_size: int,
-                 deals: bool) -> None:
+                 deals: bool, start: int = 0) -> None:
         self.lowcomm, self.sampler, self.mbs, self.deals = lowcomm, sampler, micro_batch_size, deals
         self.history: list[dict[str, Any]] = [
-            {"start": 0, "entries": [], "replicas": replicas, "back": {}}]
+            {"start": start, "entries": [], "replicas": replicas, "back": {}}]
 
     def _lost(self, replica: int, step: int) -> tuple[int, list[int]]:
         """(first step, sample ids) of replica `replica`'s window, lost after `step` steps."""
